@@ -1,0 +1,93 @@
+"""Typed errors of the thunder agent.
+
+Every error carries a message template; callers over RPC get the same class
+back (the client allows this module as a remote exception module), so Nova
+and the CLI can tell a bad argument from a full cache from a broken backend.
+"""
+
+
+class ThunderException(Exception):
+    msg_fmt = "An unknown error occurred."
+    # Errors the caller caused; nothing was changed when one is raised.
+    client_error = False
+
+    def __init__(self, message=None, **kwargs):
+        self.kwargs = kwargs
+        if not message:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError):
+                message = self.msg_fmt
+        self.message = message
+        super().__init__(message)
+
+
+class InvalidInput(ThunderException):
+    msg_fmt = "Invalid input: %(reason)s"
+    client_error = True
+
+
+class InvalidImageId(InvalidInput):
+    msg_fmt = "Invalid image id %(image_id)r: must be a UUID."
+
+
+class InvalidInstanceId(InvalidInput):
+    msg_fmt = "Invalid instance id %(instance_id)r: must be a UUID."
+
+
+class InvalidSize(InvalidInput):
+    msg_fmt = "Invalid size %(size)r: %(reason)s"
+
+
+class UnsupportedFormat(InvalidInput):
+    msg_fmt = "Unsupported image format %(image_format)r; supported: %(supported)s."
+
+
+class InvalidOrigin(InvalidInput):
+    msg_fmt = "Invalid origin: %(reason)s"
+
+
+class PathNotAllowed(InvalidInput):
+    msg_fmt = "Path %(path)r is outside the allowed directories %(allowed)s."
+
+
+class OriginUnavailable(ThunderException):
+    msg_fmt = "Origin of image %(image_id)s cannot be read: %(reason)s"
+
+
+class TemplateNotFound(ThunderException):
+    msg_fmt = "No template for image %(image_id)s on this host."
+    client_error = True
+
+
+class TemplateMismatch(InvalidInput):
+    msg_fmt = ("A template for image %(image_id)s already exists with a "
+               "different %(field)s (%(existing)r, asked %(asked)r).")
+
+
+class TemplateInUse(ThunderException):
+    msg_fmt = "Template of image %(image_id)s is in use: %(reason)s"
+    client_error = True
+
+
+class SnapshotNotFound(ThunderException):
+    msg_fmt = "No snapshot for instance %(instance_id)s on this host."
+    client_error = True
+
+
+class SnapshotExists(ThunderException):
+    msg_fmt = "A snapshot for instance %(instance_id)s already exists."
+    client_error = True
+
+
+class CacheFull(ThunderException):
+    msg_fmt = ("Cache is full (%(used)d of %(limit)d bytes used) and no idle "
+               "template can be evicted.")
+
+
+class BackendError(ThunderException):
+    msg_fmt = "Data-plane operation failed: %(reason)s"
+
+
+class BackendNotFound(ThunderException):
+    msg_fmt = "Unknown backend %(name)r; installed: %(available)s."

@@ -1,0 +1,74 @@
+"""Client side of the agent RPC API (topic ``[agent] topic``, server = host).
+
+Version history:
+
+* 1.0 - prepare_template, create_snapshot, prepare, delete_snapshot,
+  release_template, collect_garbage, get_status.
+
+Errors come back as the typed exceptions of :mod:`thunder_agent.exception`.
+"""
+
+import oslo_messaging as messaging
+
+from thunder_agent import conf as agent_conf
+
+CONF = agent_conf.CONF
+
+
+class AgentAPI:
+    VERSION = '1.0'
+
+    def __init__(self, transport, topic=None, timeout=None):
+        target = messaging.Target(topic=topic or CONF.agent.topic,
+                                  version=self.VERSION)
+        self.client = messaging.get_rpc_client(transport, target,
+                                               timeout=timeout)
+
+    def _call(self, host, method, ctxt=None, timeout=None, **kwargs):
+        cctxt = self.client.prepare(server=host, timeout=timeout)
+        return cctxt.call(ctxt or {}, method, **kwargs)
+
+    def prepare_template(self, host, image_id, origin, size, image_format,
+                         ctxt=None, timeout=None):
+        """Ensure the template of *image_id* exists on *host*.
+
+        *origin* is a Cinder-style connection_info dict (see
+        :func:`thunder_agent.validation.origin`). Returns the template's
+        status dict.
+        """
+        return self._call(host, 'prepare_template', ctxt, timeout,
+                          image_id=image_id, origin=origin, size=size,
+                          image_format=image_format)
+
+    def create_snapshot(self, host, image_id, instance_id, ctxt=None,
+                        timeout=None):
+        """Create the writable layer of *instance_id*; return its
+        connection_info."""
+        return self._call(host, 'create_snapshot', ctxt, timeout,
+                          image_id=image_id, instance_id=instance_id)
+
+    def prepare(self, host, image_id, origin, size, image_format,
+                instance_id, ctxt=None, timeout=None):
+        """Template and snapshot in one call; returns connection_info."""
+        return self._call(host, 'prepare', ctxt, timeout, image_id=image_id,
+                          origin=origin, size=size, image_format=image_format,
+                          instance_id=instance_id)
+
+    def delete_snapshot(self, host, instance_id, ctxt=None, timeout=None):
+        return self._call(host, 'delete_snapshot', ctxt, timeout,
+                          instance_id=instance_id)
+
+    def release_template(self, host, image_id, ctxt=None, timeout=None):
+        """Remove the template now; refused while it has snapshots or
+        children."""
+        return self._call(host, 'release_template', ctxt, timeout,
+                          image_id=image_id)
+
+    def collect_garbage(self, host, max_idle=None, ctxt=None, timeout=None):
+        """Remove templates idle for more than *max_idle* seconds (default:
+        the agent's grace period). Returns the removed image ids."""
+        return self._call(host, 'collect_garbage', ctxt, timeout,
+                          max_idle=max_idle)
+
+    def get_status(self, host, ctxt=None, timeout=None):
+        return self._call(host, 'get_status', ctxt, timeout)
