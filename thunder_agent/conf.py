@@ -79,10 +79,47 @@ qemu_opts = [
 ]
 
 
+coordinator_group = cfg.OptGroup('coordinator', title='Relay tree coordinator')
+coordinator_opts = [
+    cfg.StrOpt('topic', default='thunder-coordinator',
+               help='RPC topic of the coordinator. Agents call it to join '
+                    'relay trees and to send heartbeats; run one '
+                    'coordinator per topic (it keeps the trees in memory).'),
+    cfg.StrOpt('policy', default='kary',
+               help='Tree policy, a name in the '
+                    '"thunder_agent.tree_policies" entry point namespace. '
+                    '"kary": k-ary breadth-first fill under the origin.'),
+    cfg.IntOpt('fan_out', default=4, min=1, max=1024,
+               help='Children per node (and under the origin) that the '
+                    'tree policy aims for: the "k" of the k-ary tree. Trees '
+                    'grow log_k(hosts) deep; a larger k loads parents more.'),
+    cfg.IntOpt('heartbeat_interval', default=10, min=1,
+               help='Seconds between two heartbeats of an agent. The '
+                    'heartbeat lists the templates of the agent and their '
+                    'parents; it is how the coordinator rebuilds its trees '
+                    'after a restart.'),
+    cfg.IntOpt('node_timeout', default=35, min=2,
+               help='Seconds without a heartbeat after which the '
+                    'coordinator drops a node from every tree and gives its '
+                    'children new parents. Must be well above '
+                    'heartbeat_interval.'),
+    cfg.IntOpt('failure_quarantine', default=30, min=0,
+               help='Seconds during which a node that a child reported as a '
+                    'failed parent gets no new children.'),
+    cfg.IntOpt('rpc_timeout', default=30, min=1,
+               help='Seconds an agent waits for an answer of the '
+                    'coordinator.'),
+]
+
+
 def register_opts(conf=CONF):
-    conf.register_opts(default_opts)
+    # Inside nova-compute (which imports the RPC client) Nova already owns
+    # [DEFAULT] host, with the same meaning; registering ours would clash.
+    if 'host' not in conf:
+        conf.register_opts(default_opts)
     for group, opts in ((agent_group, agent_opts), (cache_group, cache_opts),
-                        (qemu_group, qemu_opts)):
+                        (qemu_group, qemu_opts),
+                        (coordinator_group, coordinator_opts)):
         conf.register_group(group)
         conf.register_opts(opts, group=group)
 
@@ -93,6 +130,7 @@ def list_opts():
         (agent_group, agent_opts),
         (cache_group, cache_opts),
         (qemu_group, qemu_opts),
+        (coordinator_group, coordinator_opts),
     ]
 
 

@@ -91,3 +91,46 @@ class BackendError(ThunderException):
 
 class BackendNotFound(ThunderException):
     msg_fmt = "Unknown backend %(name)r; installed: %(available)s."
+
+
+class InvalidNodeId(InvalidInput):
+    msg_fmt = "Invalid node id %(node)r: %(reason)s"
+
+
+class InvalidAddress(InvalidInput):
+    msg_fmt = "Invalid relay address %(address)r: %(reason)s"
+
+
+class InvalidHeartbeat(InvalidInput):
+    msg_fmt = "Invalid heartbeat from %(node)r: %(reason)s"
+
+
+class ImageTreeNotFound(ThunderException):
+    msg_fmt = "No relay tree for image %(image_id)s."
+    client_error = True
+
+
+class NodeNotInTree(ThunderException):
+    msg_fmt = "Node %(node)s is not in the relay tree of image %(image_id)s."
+    client_error = True
+
+
+class TreePolicyNotFound(ThunderException):
+    msg_fmt = "Unknown tree policy %(name)r; installed: %(available)s."
+
+
+class NetworkSetupError(ThunderException):
+    msg_fmt = "Network setup failed: %(reason)s"
+
+
+class ToolNotFound(ThunderException):
+    msg_fmt = ("Program %(program)s not found: install the Debian package "
+               "%(package)s.")
+
+
+class GuestImageBuildFailed(ThunderException):
+    msg_fmt = "Cannot build the test guest image: %(reason)s"
+
+
+class PackageFetchFailed(GuestImageBuildFailed):
+    msg_fmt = ("Cannot get Debian package %(package)s with apt: %(reason)s")

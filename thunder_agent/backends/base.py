@@ -29,7 +29,8 @@ class OriginInfo:
 class TemplateStats:
     # Bytes copied from the sources into the local cache since creation.
     bytes_fetched: int = 0
-    # Bytes handed out by the template's export to its readers.
+    # Bytes handed out by the template's export to its readers (zeros the
+    # cache keeps as zero clusters are not counted: they cost no I/O).
     bytes_served: int = 0
     # Bytes of the image present in the local cache.
     cached_bytes: int = 0
@@ -91,6 +92,10 @@ class Backend(metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def template_stats(self, template, template_dir):
         """Return :class:`TemplateStats` for the template."""
+
+    @abc.abstractmethod
+    def disk_usage(self, template, template_dir):
+        """Bytes of local disk the template's cache takes (for eviction)."""
 
     def flush_template(self, template, template_dir):
         """Persist cache metadata so cached blocks survive a crash."""

@@ -1,0 +1,1 @@
+"""Helpers that stand up real services for tests, the demo and the bench."""

@@ -1,0 +1,78 @@
+"""The ``[thunder]`` options of nova.conf (nova-cpu.conf on a compute host).
+
+``oslo-config-generator`` produces ``etc/nova-thunder.conf.sample`` from
+:func:`list_opts`; ``nova_thunder.wiring`` registers them on Nova's CONF.
+"""
+
+from oslo_config import cfg
+
+thunder_group = cfg.OptGroup(
+    'thunder', title='Thunder block devices',
+    help='Fast mass boot: block devices whose disk is a copy-on-write '
+         'snapshot over a per-host, on-demand, cached and relayed template '
+         'prepared by the local thunder agent.')
+
+thunder_opts = [
+    cfg.BoolOpt('enabled', default=True,
+                help='Prepare thunder disks for new thunder-marked block '
+                     'devices on this host. When false, such block devices '
+                     'fail to attach with a clear error instead of being '
+                     'attached the usual way; disks that already exist keep '
+                     'working.'),
+    cfg.StrOpt('topic', default='thunder-agent',
+               help='RPC topic of the thunder agents; must equal the '
+                    'agents\' [agent] topic.'),
+    cfg.StrOpt('transport_url', secret=True,
+               sample_default='rabbit://thunder:secret@controller:5672/',
+               help='oslo.messaging URL of the broker the thunder agents '
+                    'listen on. Unset: the [DEFAULT] transport_url of this '
+                    'service.'),
+    cfg.IntOpt('timeout', default=300, min=1,
+               help='Seconds nova-compute waits for the agent to prepare a '
+                    'disk (template creation included) or to release one.'),
+    cfg.StrOpt('backend', default='qemu', choices=('qemu', 'kernel'),
+               help='Data-plane backend of the local agent. A disk of '
+                    'another backend returned for a new block device is '
+                    'refused (and released) before libvirt sees it, so a '
+                    'misconfigured host fails early.'),
+    cfg.StrOpt('agent_host', sample_default='<[DEFAULT] host>',
+               help='Host name the local agent serves under (its [DEFAULT] '
+                    'host). Unset: this service\'s [DEFAULT] host.'),
+    cfg.ListOpt('volume_types', default=['thunder'],
+                help='Names of the Cinder volume types that mark thunder '
+                     'block devices: a volume of such a type (source_type '
+                     'volume) becomes the origin of a template, and an '
+                     'image-to-volume block device naming such a type '
+                     '(source_type image, destination_type volume, '
+                     'volume_type) boots from a template of the Glance '
+                     'image instead of a new Cinder volume. Create the '
+                     'types with the extra specs thunder:enabled=\'<is> '
+                     'True\' and multiattach=\'<is> True\'.'),
+    cfg.StrOpt('image_origin',
+               sample_default='nbd://origin.example.org:10809/{image_id}',
+               help='Where agents read Glance images that serve as origins, '
+                    'as a URL pattern with the placeholder {image_id}: '
+                    '"nbd://HOST:PORT/EXPORT", "nbd+unix:///EXPORT?socket='
+                    'PATH" or "file:///PATH" (the directory must be in the '
+                    'agents\' [agent] file_origin_dirs). The image '
+                    'property "thunder_origin" overrides it per image. '
+                    'Unset and no property: image-backed thunder block '
+                    'devices are refused.'),
+    cfg.BoolOpt('allow_untested_nova', default=False,
+                help='Start even when the installed Nova release is not one '
+                     'this nova-thunder release was tested with. The check '
+                     'of the Nova internals the wiring relies on still '
+                     'applies and cannot be turned off.'),
+]
+
+
+def register_opts(conf):
+    conf.register_group(thunder_group)
+    conf.register_opts(thunder_opts, group=thunder_group)
+
+
+def list_opts():
+    return [(thunder_group, thunder_opts)]
+
+
+register_opts(cfg.CONF)

@@ -1,0 +1,32 @@
+"""``thunder-coordinator``: assigns relay parents to the agents."""
+
+import sys
+
+from oslo_service import backend
+
+backend.init_backend(backend.BackendType.THREADING)
+
+from oslo_config import cfg  # noqa: E402
+from oslo_log import log as logging  # noqa: E402
+from oslo_service import service  # noqa: E402
+
+from thunder_agent import conf as agent_conf  # noqa: E402
+from thunder_agent.coordinator import service as coord_service  # noqa: E402
+
+
+def main(argv=None):
+    conf = agent_conf.CONF
+    logging.register_options(conf)
+    conf(sys.argv[1:] if argv is None else argv, project='thunder-agent',
+         prog='thunder-coordinator',
+         default_config_files=cfg.find_config_files('nova-thunder',
+                                                    'thunder-coordinator'))
+    logging.setup(conf, 'thunder-coordinator')
+    launcher = service.launch(
+        conf, coord_service.CoordinatorService(conf),
+        restart_method='mutate')
+    launcher.wait()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Per-image relay trees, kept as soft state.
+
+Every tree lives in memory only. It is built from ``join`` calls and from
+agent heartbeats, which list each template of a node with the parents it
+currently reads from: after a coordinator restart the first round of
+heartbeats rebuilds the trees as they are, and agents keep their parents
+(no data-plane change, no I/O interruption).
+
+Rules the manager keeps whatever a policy answers:
+
+* a parent is the origin or a node of the same tree, never the node itself
+  or one of its descendants (no cycles);
+* a node that fails, leaves or stops sending heartbeats loses its children
+  first: they get new parents right away and learn them from the answer to
+  their next heartbeat;
+* a leaving node stays in the tree until none of its children reports it
+  as a parent any more, so it is never torn down under them.
+
+Each public method validates all of its input before touching a tree.
+"""
+
+import collections
+import itertools
+import logging
+import threading
+import time
+
+from thunder_agent.coordinator import ORIGIN
+from thunder_agent.coordinator import policies
+from thunder_agent.coordinator.policies import base
+from thunder_agent.coordinator import validation as v
+from thunder_agent import exception
+
+LOG = logging.getLogger(__name__)
+
+
+class Member:
+    """One node in one image's tree."""
+
+    def __init__(self, node, order, now, address=None, origin=None,
+                 parents=(), confirmed=True):
+        self.node = node
+        self.order = order
+        self.address = address
+        self.origin = origin
+        # Parents assigned by the coordinator...
+        self.parents = list(parents)
+        # ...and those the node last said it reads from.
+        self.reported = list(parents)
+        self.state = 'joining'
+        self.stats = {}
+        self.leaving = False
+        # False for a node only known because a child named it as parent
+        # (after a coordinator restart); it gets no children until it
+        # reports itself.
+        self.confirmed = confirmed
+        self.created_at = now
+        self.joined_at = now
+
+
+class ImageTree(base.TreeView):
+    def __init__(self, image_id, origin, clock, quarantine=None):
+        self.image_id = image_id
+        self.origin = origin
+        self.members = {}
+        # node -> end of its quarantine; owned by the manager so that it
+        # outlives the tree.
+        self.quarantine = {} if quarantine is None else quarantine
+        self._children = collections.defaultdict(set)
+        self._order = itertools.count()
+        self._clock = clock
+
+    # -- changes (manager only) --
+
+    def add(self, node, now, **kwargs):
+        member = Member(node, next(self._order), now, **kwargs)
+        self.members[node] = member
+        for parent in member.parents:
+            self._children[parent].add(node)
+        return member
+
+    def set_parents(self, node, parents):
+        member = self.members[node]
+        for parent in member.parents:
+            self._children[parent].discard(node)
+        member.parents = list(parents)
+        for parent in member.parents:
+            self._children[parent].add(node)
+
+    def detach(self, node):
+        """Remove *node*; its children keep naming it until re-parented."""
+        member = self.members.pop(node)
+        for parent in member.parents:
+            self._children[parent].discard(node)
+        return member
+
+    def forget_children(self, node):
+        self._children.pop(node, None)
+
+    # -- TreeView --
+
+    def nodes(self):
+        return list(self.members)
+
+    def parents(self, node):
+        if node == ORIGIN:
+            return []
+        return list(self.members[node].parents)
+
+    def children(self, node):
+        return sorted(self._children.get(node, ()),
+                      key=lambda child: self.members[child].order)
+
+    def load(self, node):
+        return sum(1 for child in self._children.get(node, ())
+                   if not self.members[child].leaving)
+
+    def depth(self, node):
+        return self._depth(node, set())
+
+    def _depth(self, node, path):
+        if node == ORIGIN:
+            return 0
+        member = self.members.get(node)
+        if member is None or node in path:
+            return None
+        path.add(node)
+        depths = [d for d in (self._depth(p, path) for p in member.parents)
+                  if d is not None]
+        path.discard(node)
+        return 1 + min(depths) if depths else None
+
+    def descendants(self, node):
+        found = set()
+        queue = collections.deque([node])
+        while queue:
+            for child in self._children.get(queue.popleft(), ()):
+                if child not in found:
+                    found.add(child)
+                    queue.append(child)
+        found.discard(node)
+        return found
+
+    def can_serve(self, node):
+        if node == ORIGIN:
+            return True
+        member = self.members.get(node)
+        return (member is not None and member.confirmed
+                and not member.leaving and member.address is not None
+                and self.quarantine.get(node, 0) <= self._clock())
+
+    def height(self):
+        depths = [self.depth(n) for n in self.members]
+        return max([d for d in depths if d is not None], default=0)
+
+
+class CoordinatorManager:
+    def __init__(self, policy, heartbeat_interval=10, node_timeout=35,
+                 failure_quarantine=30, clock=time.monotonic):
+        self.policy = policy
+        self.heartbeat_interval = heartbeat_interval
+        self.node_timeout = node_timeout
+        self.failure_quarantine = failure_quarantine
+        self._clock = clock
+        self._trees = {}
+        self._last_seen = {}
+        self._quarantine = collections.defaultdict(dict)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_conf(cls, conf, clock=time.monotonic):
+        group = conf.coordinator
+        return cls(policies.load(group.policy, group.fan_out),
+                   heartbeat_interval=group.heartbeat_interval,
+                   node_timeout=group.node_timeout,
+                   failure_quarantine=group.failure_quarantine, clock=clock)
+
+    # -- RPC operations --
+
+    def join(self, image_id, node, address, origin):
+        """Place *node* in the tree of *image_id*; return its parents.
+
+        Idempotent: a node already in the tree keeps its place (an agent
+        restarting or retrying a call whose answer was lost).
+        """
+        image_id = v.image_id(image_id)
+        node = v.node_id(node)
+        address = v.address(address)
+        origin = v.origin(origin)
+        with self._lock:
+            now = self._clock()
+            self._last_seen[node] = now
+            self._expire(now)
+            tree = self._tree(image_id, origin)
+            member = tree.members.get(node)
+            if member is None:
+                parents = self._checked(
+                    tree, node, self.policy.choose_parents(tree, node))
+                member = tree.add(node, now, address=address, origin=origin,
+                                  parents=parents)
+                LOG.info('Node %s joined the tree of %s under %s',
+                         node, image_id, parents)
+            else:
+                member.address = address
+                member.origin = origin
+                member.leaving = False
+                member.confirmed = True
+                member.joined_at = now
+                if not member.parents:
+                    self._replace_parents(tree, member, [], [])
+                member.reported = list(member.parents)
+            return self._answer(tree, member)
+
+    def heartbeat(self, node, templates):
+        """Record what *node* holds; return ``{image_id: answer}``.
+
+        *templates* maps every image the node holds a template of (or is
+        preparing one) to ``{'address', 'origin', 'parents', 'state',
+        'stats'}``. Images the node no longer lists leave their trees.
+        """
+        node, entries = v.heartbeat(node, templates)
+        with self._lock:
+            now = self._clock()
+            self._last_seen[node] = now
+            self._expire(now)
+            answers = {}
+            for image_id, entry in entries.items():
+                tree = self._tree(image_id, entry['origin'])
+                member = tree.members.get(node)
+                if member is None or not member.confirmed:
+                    member = self._adopt(tree, node, entry, now)
+                member.address = entry['address']
+                member.origin = entry['origin']
+                member.state = entry['state']
+                member.stats = entry['stats']
+                member.reported = entry['parents']
+                answers[image_id] = self._answer(tree, member)
+            for image_id, tree in list(self._trees.items()):
+                member = tree.members.get(node)
+                # A heartbeat may have been composed before a join it
+                # crossed on the wire: recent joins are spared.
+                if (member is not None and member.confirmed
+                        and image_id not in entries
+                        and now - member.joined_at >= self.heartbeat_interval):
+                    LOG.info('Node %s no longer holds %s', node, image_id)
+                    self._remove(tree, node, now)
+            self._finish_leaving(now)
+            return answers
+
+    def leave(self, image_id, node):
+        """Take *node* out of the tree of *image_id*.
+
+        Its children get new parents at once. Returns ``{'pending_children':
+        [...]}``: the children still reading from the node; the node must
+        keep serving until a later ``leave`` returns an empty list.
+        """
+        image_id = v.image_id(image_id)
+        node = v.node_id(node)
+        with self._lock:
+            now = self._clock()
+            tree, member = self._member(image_id, node)
+            if not member.leaving:
+                member.leaving = True
+                self._reparent_children(tree, node, member.parents)
+            pending = self._pending_children(tree, node)
+            if not pending:
+                self._remove(tree, node, now)
+                LOG.info('Node %s left the tree of %s', node, image_id)
+            return {'pending_children': pending}
+
+    def report_parent_failure(self, image_id, node, parent):
+        """*node* cannot read from *parent*: return its new parents.
+
+        The parent is taken out of the tree (all its children move) and gets
+        no children for ``failure_quarantine`` seconds; if it is alive, its
+        next heartbeat brings it back. A report about a parent the node no
+        longer has, or about the origin, changes nothing.
+        """
+        image_id = v.image_id(image_id)
+        node = v.node_id(node)
+        parent = v.parent_ref(parent)
+        with self._lock:
+            now = self._clock()
+            tree, member = self._member(image_id, node)
+            if parent != ORIGIN and parent in member.parents:
+                LOG.warning('Node %s reports parent %s of %s failed',
+                            node, parent, image_id)
+                self._remove(tree, parent, now, failed=True)
+            return self._answer(tree, member)
+
+    def get_tree(self, image_id):
+        image_id = v.image_id(image_id)
+        with self._lock:
+            tree = self._trees.get(image_id)
+            if tree is None:
+                raise exception.ImageTreeNotFound(image_id=image_id)
+            return self._describe(tree)
+
+    def list_trees(self):
+        with self._lock:
+            return {image_id: {'nodes': len(tree.members),
+                               'height': tree.height()}
+                    for image_id, tree in self._trees.items()}
+
+    def expire(self):
+        """Drop nodes whose heartbeats stopped (called periodically)."""
+        with self._lock:
+            self._expire(self._clock())
+
+    # -- internals (lock held) --
+
+    def _tree(self, image_id, origin):
+        tree = self._trees.get(image_id)
+        if tree is None:
+            tree = self._trees[image_id] = ImageTree(
+                image_id, origin, self._clock, self._quarantine[image_id])
+        return tree
+
+    def _member(self, image_id, node):
+        tree = self._trees.get(image_id)
+        if tree is None:
+            raise exception.ImageTreeNotFound(image_id=image_id)
+        member = tree.members.get(node)
+        if member is None:
+            raise exception.NodeNotInTree(node=node, image_id=image_id)
+        return tree, member
+
+    def _adopt(self, tree, node, entry, now):
+        """Take a node in as it reports itself (coordinator restart, node
+        dropped after a timeout, or a placeholder confirming itself)."""
+        member = tree.members.get(node)
+        below = tree.descendants(node) if member is not None else set()
+        parents = []
+        for parent in entry['parents']:
+            if parent == ORIGIN:
+                parents.append(parent)
+            elif (parent in below or tree.quarantine.get(parent, 0) > now
+                  or (parent in tree.members
+                      and tree.members[parent].leaving)):
+                # Would close a cycle, failed recently, or is on its way
+                # out: the node gets a new parent instead.
+                continue
+            else:
+                if parent not in tree.members:
+                    # Not heard from yet: hold its place so that children
+                    # reporting before their parent keep that parent.
+                    tree.add(parent, now, confirmed=False)
+                parents.append(parent)
+        if member is None:
+            member = tree.add(node, now, address=entry['address'],
+                              origin=entry['origin'], parents=parents)
+            if not parents:
+                self._replace_parents(tree, member, [], [])
+        else:
+            member.confirmed = True
+            member.joined_at = now
+            member.address = entry['address']
+            if parents:
+                tree.set_parents(node, parents)
+            else:
+                self._replace_parents(tree, member, [], [])
+        LOG.info('Adopted node %s in the tree of %s under %s',
+                 node, tree.image_id, member.parents)
+        return member
+
+    def _remove(self, tree, node, now, failed=False):
+        member = tree.detach(node)
+        if failed and self.failure_quarantine:
+            tree.quarantine[node] = now + self.failure_quarantine
+        self._reparent_children(tree, node, member.parents)
+        tree.forget_children(node)
+        if not tree.members:
+            del self._trees[tree.image_id]
+
+    def _reparent_children(self, tree, node, grandparents):
+        for child in tree.children(node):
+            member = tree.members[child]
+            remaining = [p for p in member.parents if p != node]
+            if remaining:
+                tree.set_parents(child, remaining)
+            else:
+                self._replace_parents(tree, member, [node], grandparents)
+            LOG.info('Node %s of %s moves from %s to %s', child,
+                     tree.image_id, node, member.parents)
+
+    def _replace_parents(self, tree, member, lost, grandparents):
+        chosen = self.policy.choose_new_parents(tree, member.node, lost,
+                                                grandparents)
+        tree.set_parents(member.node,
+                         self._checked(tree, member.node, chosen, lost))
+
+    def _checked(self, tree, node, parents, lost=()):
+        """Keep only parents that respect the tree rules."""
+        below = tree.descendants(node) if node in tree.members else set()
+        good = []
+        for parent in parents if isinstance(parents, list) else []:
+            if parent in good:
+                continue
+            if parent == ORIGIN or (
+                    parent != node and parent not in below
+                    and parent not in lost and tree.can_serve(parent)):
+                good.append(parent)
+            else:
+                LOG.error('Policy %s chose invalid parent %r for %s',
+                          type(self.policy).__name__, parent, node)
+        return good or [ORIGIN]
+
+    def _pending_children(self, tree, node):
+        return [m.node for m in tree.members.values()
+                if m.node != node and node in m.reported]
+
+    def _finish_leaving(self, now):
+        for tree in list(self._trees.values()):
+            for member in list(tree.members.values()):
+                if (member.leaving and member.node in tree.members
+                        and not self._pending_children(tree, member.node)):
+                    self._remove(tree, member.node, now)
+                    if tree.image_id not in self._trees:
+                        break
+
+    def _expire(self, now):
+        dead = {node for node, seen in self._last_seen.items()
+                if now - seen > self.node_timeout}
+        for tree in list(self._trees.values()):
+            expired = [m for m in tree.members.values()
+                       if m.node in dead or (
+                           not m.confirmed
+                           and now - m.created_at > self.node_timeout)]
+            # Mark them all first so that no orphan moves under a node that
+            # is about to go too.
+            for member in expired:
+                member.leaving = True
+                member.confirmed = False
+            for member in expired:
+                LOG.warning('Node %s timed out in the tree of %s',
+                            member.node, tree.image_id)
+                self._remove(tree, member.node, now)
+        for node in dead:
+            del self._last_seen[node]
+        for image_id, quarantine in list(self._quarantine.items()):
+            for node, until in list(quarantine.items()):
+                if until <= now:
+                    del quarantine[node]
+            if not quarantine and image_id not in self._trees:
+                del self._quarantine[image_id]
+
+    def _answer(self, tree, member):
+        parents = []
+        for parent in member.parents:
+            if parent == ORIGIN:
+                parents.append(member.origin or tree.origin)
+            else:
+                parents.append({'node': parent,
+                                'address': tree.members[parent].address})
+        return {'parents': parents, 'depth': tree.depth(member.node)}
+
+    def _describe(self, tree):
+        now = self._clock()
+        nodes = {}
+        for node, member in tree.members.items():
+            seen = self._last_seen.get(node)
+            nodes[node] = {
+                'parents': list(member.parents),
+                'reported_parents': list(member.reported),
+                'children': tree.children(node),
+                'depth': tree.depth(node),
+                'address': member.address,
+                'state': member.state,
+                'stats': dict(member.stats),
+                'leaving': member.leaving,
+                'confirmed': member.confirmed,
+                'quarantined': tree.quarantine.get(node, 0) > now,
+                'last_seen_age': None if seen is None else now - seen,
+            }
+        height = tree.height()
+        return {'image_id': tree.image_id, 'origin': tree.origin,
+                'origin_children': tree.children(ORIGIN), 'nodes': nodes,
+                'height': height, 'levels': height + 1}

@@ -1,0 +1,358 @@
+"""The agent's brain: validates requests, keeps records, drives a backend.
+
+Every public method validates all of its arguments before it touches
+anything, so a refused request changes nothing on disk or in the data
+plane. One lock serialises changes; reads of status take it too so they
+see a consistent picture.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+
+from thunder_agent import backends
+from thunder_agent import exception
+from thunder_agent import state
+from thunder_agent import validation
+
+LOG = logging.getLogger(__name__)
+MIB = 1024 * 1024
+
+
+class AgentManager:
+    def __init__(self, conf, backend=None):
+        self.conf = conf
+        self.host = conf.host
+        self.backend = backend or backends.load(conf.agent.backend, conf)
+        self.store = state.StateStore(conf.agent.state_path)
+        self.lock = threading.RLock()
+        self.templates = {}
+        self.snapshots = {}
+        self._last_flush = 0.0
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self):
+        self.backend.start()
+        self.reconcile()
+
+    def stop(self):
+        with self.lock:
+            for template in self.templates.values():
+                with contextlib.suppress(exception.ThunderException):
+                    self.backend.flush_template(
+                        template, self._tdir(template.image_id))
+                self.store.save_template(template)
+            self.backend.stop()
+
+    def reconcile(self):
+        """Bring records and the data plane back in line after a start."""
+        with self.lock:
+            self.templates = self.store.load_templates()
+            self.snapshots = self.store.load_snapshots()
+            self._drop_unfinished(self.store.templates_dir, self.templates)
+            self._drop_unfinished(self.store.snapshots_dir, self.snapshots)
+            for template in self.templates.values():
+                try:
+                    template.export = self.backend.ensure_template(
+                        template, self._tdir(template.image_id))
+                    self.store.save_template(template)
+                except exception.ThunderException as e:
+                    # Kept: housekeeping retries (the source may be down).
+                    LOG.error('Template %s not restored: %s',
+                              template.image_id, e)
+            for snap in self.snapshots.values():
+                template = self.templates.get(snap.image_id)
+                if template is None:
+                    LOG.error('Snapshot %s has no template %s',
+                              snap.instance_id, snap.image_id)
+                    continue
+                try:
+                    snap.connection_info = self.backend.ensure_snapshot(
+                        template, self._tdir(template.image_id), snap,
+                        self._sdir(snap.instance_id))
+                except exception.ThunderException as e:
+                    LOG.error('Snapshot %s not restored: %s',
+                              snap.instance_id, e)
+            LOG.info('Reconciled %d templates and %d snapshots',
+                     len(self.templates), len(self.snapshots))
+
+    def _drop_unfinished(self, directory, records):
+        # A directory without a record is a create that crashed midway.
+        for name in os.listdir(directory):
+            if name not in records:
+                LOG.warning('Removing unfinished %s', os.path.join(
+                    directory, name))
+                if directory == self.store.templates_dir:
+                    # Its daemon may have started before the crash.
+                    with contextlib.suppress(Exception):
+                        self.backend.delete_template(
+                            _Stub(name), os.path.join(directory, name))
+                    self.store.remove_template(name)
+                else:
+                    self.store.remove_snapshot(name)
+
+    def _tdir(self, image_id):
+        return self.store.template_dir(image_id)
+
+    def _sdir(self, instance_id):
+        return self.store.snapshot_dir(instance_id)
+
+    # -- templates -------------------------------------------------------
+    def prepare_template(self, image_id, origin, size, image_format):
+        image_id = validation.image_id(image_id)
+        origin = validation.origin(origin, self.conf.agent.file_origin_dirs)
+        size = validation.size(size)
+        image_format = validation.image_format(image_format)
+        with self.lock:
+            template = self.templates.get(image_id)
+            if template is not None:
+                for field, asked in (('origin', origin), ('size', size),
+                                     ('image_format', image_format)):
+                    existing = getattr(template, field)
+                    if existing != asked:
+                        raise exception.TemplateMismatch(
+                            image_id=image_id, field=field,
+                            existing=existing, asked=asked)
+                template.last_used_at = time.time()
+                self.store.save_template(template)
+                return self._template_status(template, stats=False)
+            info = self.backend.probe_origin(origin, image_format)
+            if size > info.size:
+                raise exception.InvalidSize(
+                    size=size, reason='larger than the origin (%d bytes)'
+                                      % info.size)
+            self._make_room()
+            template = state.Template(
+                image_id=image_id, origin=origin, size=size,
+                image_format=image_format, backend=self.backend.name,
+                sources=[origin])
+            tdir = self._tdir(image_id)
+            os.makedirs(tdir, mode=0o750)
+            try:
+                template.export = self.backend.create_template(template, tdir)
+            except Exception as e:
+                LOG.exception('Creating template %s failed', image_id)
+                with contextlib.suppress(Exception):
+                    self.backend.delete_template(template, tdir)
+                self.store.remove_template(image_id)
+                if isinstance(e, exception.ThunderException):
+                    raise
+                raise exception.BackendError(reason=str(e))
+            self.store.save_template(template)
+            self.templates[image_id] = template
+            LOG.info('Template %s ready (%d bytes, %s origin)', image_id,
+                     size, origin['driver_volume_type'])
+            return self._template_status(template, stats=False)
+
+    def release_template(self, image_id):
+        image_id = validation.image_id(image_id)
+        with self.lock:
+            template = self._get_template(image_id)
+            reason = self._busy_reason(template)
+            if reason:
+                raise exception.TemplateInUse(image_id=image_id,
+                                              reason=reason)
+            self._delete_template(template)
+            return {'image_id': image_id, 'deleted': True}
+
+    def collect_garbage(self, max_idle=None):
+        if max_idle is None:
+            max_idle = self.conf.agent.template_grace_period
+        if isinstance(max_idle, bool) or not isinstance(
+                max_idle, (int, float)) or max_idle < 0:
+            raise exception.InvalidInput(
+                reason='max_idle must be a number of seconds >= 0')
+        now = time.time()
+        collected = []
+        with self.lock:
+            for template in sorted(self.templates.values(),
+                                   key=lambda t: t.last_used_at):
+                if (not self._busy_reason(template)
+                        and now - template.last_used_at >= max_idle):
+                    self._delete_template(template)
+                    collected.append(template.image_id)
+        if collected:
+            LOG.info('Collected idle templates %s', collected)
+        return collected
+
+    def _get_template(self, image_id):
+        try:
+            return self.templates[image_id]
+        except KeyError:
+            raise exception.TemplateNotFound(image_id=image_id)
+
+    def _snapshots_of(self, image_id):
+        return [s for s in self.snapshots.values() if s.image_id == image_id]
+
+    def _busy_reason(self, template):
+        snaps = self._snapshots_of(template.image_id)
+        if snaps:
+            return '%d snapshot(s)' % len(snaps)
+        if template.children:
+            return '%d child node(s)' % len(template.children)
+        return None
+
+    def _delete_template(self, template):
+        tdir = self._tdir(template.image_id)
+        self.backend.delete_template(template, tdir)
+        self.store.remove_template(template.image_id)
+        del self.templates[template.image_id]
+        LOG.info('Template %s deleted', template.image_id)
+
+    def _cache_used(self):
+        return sum(self.backend.disk_usage(t, self._tdir(t.image_id))
+                   for t in self.templates.values())
+
+    def _make_room(self):
+        """Evict idle templates, least recently used first, until the
+        cache is below its limit."""
+        limit = self.conf.cache.size_limit_mb * MIB
+        used = self._cache_used()
+        while used >= limit:
+            idle = sorted((t for t in self.templates.values()
+                           if not self._busy_reason(t)),
+                          key=lambda t: t.last_used_at)
+            if not idle:
+                raise exception.CacheFull(used=used, limit=limit)
+            victim = idle[0]
+            LOG.info('Cache at %d of %d bytes: evicting idle template %s',
+                     used, limit, victim.image_id)
+            self._delete_template(victim)
+            used = self._cache_used()
+
+    # -- snapshots -------------------------------------------------------
+    def create_snapshot(self, image_id, instance_id):
+        image_id = validation.image_id(image_id)
+        instance_id = validation.instance_id(instance_id)
+        with self.lock:
+            template = self._get_template(image_id)
+            if instance_id in self.snapshots:
+                raise exception.SnapshotExists(instance_id=instance_id)
+            sdir = self._sdir(instance_id)
+            os.makedirs(sdir, mode=0o750)
+            snap = state.Snapshot(instance_id=instance_id, image_id=image_id)
+            try:
+                snap.connection_info = self.backend.create_snapshot(
+                    template, self._tdir(image_id), instance_id, sdir)
+            except Exception as e:
+                LOG.exception('Creating snapshot %s failed', instance_id)
+                with contextlib.suppress(Exception):
+                    self.backend.delete_snapshot(
+                        template, self._tdir(image_id), snap, sdir)
+                self.store.remove_snapshot(instance_id)
+                if isinstance(e, exception.ThunderException):
+                    raise
+                raise exception.BackendError(reason=str(e))
+            self.store.save_snapshot(snap)
+            self.snapshots[instance_id] = snap
+            template.last_used_at = time.time()
+            self.store.save_template(template)
+            LOG.info('Snapshot %s created on template %s', instance_id,
+                     image_id)
+            return snap.connection_info
+
+    def prepare(self, image_id, origin, size, image_format, instance_id):
+        # Check the instance id too before building anything.
+        validation.instance_id(instance_id)
+        with self.lock:
+            self.prepare_template(image_id, origin, size, image_format)
+            return self.create_snapshot(image_id, instance_id)
+
+    def delete_snapshot(self, instance_id):
+        instance_id = validation.instance_id(instance_id)
+        with self.lock:
+            snap = self.snapshots.get(instance_id)
+            if snap is None:
+                raise exception.SnapshotNotFound(instance_id=instance_id)
+            template = self.templates.get(snap.image_id)
+            if template is not None:
+                self.backend.delete_snapshot(
+                    template, self._tdir(template.image_id), snap,
+                    self._sdir(instance_id))
+                template.last_used_at = time.time()
+                self.store.save_template(template)
+            self.store.remove_snapshot(instance_id)
+            del self.snapshots[instance_id]
+            LOG.info('Snapshot %s deleted', instance_id)
+            return {'instance_id': instance_id, 'deleted': True}
+
+    # -- status and housekeeping -----------------------------------------
+    def _template_status(self, template, stats=True):
+        status = {
+            'image_id': template.image_id,
+            'size': template.size,
+            'image_format': template.image_format,
+            'backend': template.backend,
+            'origin': template.origin,
+            'sources': template.sources,
+            'export': template.export,
+            'children': template.children,
+            'snapshots': sorted(s.instance_id for s in
+                                self._snapshots_of(template.image_id)),
+            'created_at': template.created_at,
+            'last_used_at': template.last_used_at,
+        }
+        if stats:
+            tdir = self._tdir(template.image_id)
+            status['healthy'] = self.backend.is_healthy(template, tdir)
+            try:
+                status.update(dataclasses.asdict(
+                    self.backend.template_stats(template, tdir)))
+            except exception.ThunderException as e:
+                status['error'] = str(e)
+        return status
+
+    def get_status(self):
+        with self.lock:
+            templates = [self._template_status(t)
+                         for t in self.templates.values()]
+            for template in self.templates.values():
+                self.store.save_template(template)
+            return {
+                'host': self.host,
+                'backend': self.backend.name,
+                'templates': templates,
+                'snapshots': [dataclasses.asdict(s)
+                              for s in self.snapshots.values()],
+                'cache': {
+                    'used_bytes': sum(t.get('disk_bytes', 0)
+                                      for t in templates),
+                    'limit_bytes': self.conf.cache.size_limit_mb * MIB,
+                },
+            }
+
+    def housekeeping(self):
+        """Supervise data planes, flush caches, collect idle templates."""
+        with self.lock:
+            now = time.monotonic()
+            flush = now - self._last_flush >= self.conf.cache.flush_interval
+            for template in list(self.templates.values()):
+                tdir = self._tdir(template.image_id)
+                try:
+                    if not self.backend.is_healthy(template, tdir):
+                        LOG.warning('Data plane of template %s is down; '
+                                    'restoring it', template.image_id)
+                        template.export = self.backend.ensure_template(
+                            template, tdir)
+                        self.store.save_template(template)
+                    elif flush:
+                        self.backend.flush_template(template, tdir)
+                except exception.ThunderException as e:
+                    LOG.error('Housekeeping of %s: %s', template.image_id, e)
+            if flush:
+                self._last_flush = now
+        self.collect_garbage()
+        with self.lock:
+            with contextlib.suppress(exception.CacheFull):
+                self._make_room()
+
+
+@dataclasses.dataclass
+class _Stub:
+    """Enough of a template for a backend to tear down leftovers."""
+    image_id: str
+    sources: list = dataclasses.field(default_factory=list)
+    counters: dict = dataclasses.field(default_factory=dict)

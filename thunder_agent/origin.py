@@ -1,0 +1,73 @@
+"""An origin node: one image file served read-only over NBD.
+
+The server is a qemu-storage-daemon exporting the file through its format
+driver (raw or qcow2), so templates always see the image's raw contents.
+"""
+
+import json
+import os
+
+from thunder_agent import exception
+from thunder_agent.qemu import storage_daemon
+
+
+class OriginServer:
+    def __init__(self, image_path, image_format, export, listen, run_path,
+                 name=None, executable='qemu-storage-daemon'):
+        """*listen* is ``{'type': 'unix', 'path': P}`` or
+        ``{'type': 'inet', 'host': H, 'port': N}``."""
+        if image_format not in ('raw', 'qcow2'):
+            raise exception.UnsupportedFormat(image_format=image_format,
+                                              supported='raw, qcow2')
+        if not os.path.isfile(image_path):
+            raise exception.InvalidOrigin(reason='%s is not a file'
+                                          % image_path)
+        self.image_path = os.path.realpath(image_path)
+        self.image_format = image_format
+        self.export = export
+        self.listen = dict(listen)
+        if self.listen.get('type') == 'inet':
+            self.listen['port'] = str(self.listen['port'])
+        self.daemon = storage_daemon.StorageDaemon(
+            name or 'origin-%s' % export, run_path, executable)
+
+    def start(self):
+        blockdevs = [
+            {'driver': 'file', 'node-name': 'image-file',
+             'filename': self.image_path, 'read-only': True},
+            {'driver': self.image_format, 'node-name': 'image',
+             'file': 'image-file', 'read-only': True},
+        ]
+        args = []
+        for bd in blockdevs:
+            args += ['--blockdev', json.dumps(bd)]
+        args += ['--export', json.dumps({
+            'type': 'nbd', 'id': 'origin', 'node-name': 'image',
+            'name': self.export, 'writable': False})]
+        self.daemon.start(nbd_server=self.listen, extra_args=args)
+        return self
+
+    def stop(self):
+        self.daemon.stop()
+
+    def connection(self):
+        """The origin as the agent's ``origin`` argument expects it."""
+        if self.listen['type'] == 'unix':
+            data = {'socket': self.listen['path']}
+        else:
+            data = {'host': self.listen['host'],
+                    'port': int(self.listen['port'])}
+        data['export'] = self.export
+        return {'driver_volume_type': 'nbd', 'data': data}
+
+    def bytes_read(self):
+        """Bytes the origin daemon has read so far (image data it served,
+        plus a few bytes per request of protocol and control traffic)."""
+        counters = self.daemon.io_counters()
+        return counters['rchar'] if counters else None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,19 @@
+"""Every operation of the project that needs root, through oslo.privsep.
+
+The agent runs unprivileged; the functions below run in the privsep daemon
+with only the capabilities listed in the context. Keep them small and
+check their arguments: they are the whole privileged surface.
+"""
+
+from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
+
+default = priv_context.PrivContext(
+    'thunder_agent',
+    cfg_section='thunder_agent_privileged',
+    pypath=__name__ + '.default',
+    capabilities=[caps.CAP_SYS_ADMIN, caps.CAP_NET_ADMIN,
+                  caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH,
+                  caps.CAP_SYS_PTRACE, caps.CAP_KILL, caps.CAP_CHOWN,
+                  caps.CAP_FOWNER, caps.CAP_MKNOD],
+)

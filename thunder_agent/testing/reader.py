@@ -1,0 +1,59 @@
+"""Read and write a snapshot the way a VM would, for tests and the demo.
+
+A qemu-backend snapshot is a qcow2 overlay: it is opened with ``qemu-nbd``
+(socket-activated by libnbd), so reads go overlay -> template export ->
+cache -> source exactly as they do for a VM's QEMU.
+"""
+
+import contextlib
+import hashlib
+
+import nbd
+
+CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def open_snapshot(connection_info, writable=False):
+    data = connection_info['data']
+    handle = nbd.NBD()
+    if data['backend'] == 'qemu':
+        argv = ['qemu-nbd', '-f', data['format'], '--cache=none']
+        if not writable:
+            argv.append('--read-only')
+        argv.append(data['path'])
+    else:
+        argv = ['qemu-nbd', '-f', 'raw', '--cache=none',
+                data['device_path']]
+        if not writable:
+            argv.insert(1, '--read-only')
+    handle.connect_systemd_socket_activation(argv)
+    try:
+        yield handle
+    finally:
+        if writable:
+            handle.flush()
+        handle.shutdown()
+
+
+def checksum(connection_info, length=None):
+    """sha256 and byte count of the snapshot's first *length* bytes."""
+    digest = hashlib.sha256()
+    with open_snapshot(connection_info) as handle:
+        size = handle.get_size() if length is None else length
+        offset = 0
+        while offset < size:
+            n = min(CHUNK, size - offset)
+            digest.update(handle.pread(n, offset))
+            offset += n
+    return digest.hexdigest(), size
+
+
+def read(connection_info, offset, length):
+    with open_snapshot(connection_info) as handle:
+        return handle.pread(length, offset)
+
+
+def write(connection_info, offset, payload):
+    with open_snapshot(connection_info, writable=True) as handle:
+        handle.pwrite(payload, offset)
