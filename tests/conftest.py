@@ -1,4 +1,3 @@
-import hashlib
 import os
 import shutil
 import subprocess
@@ -30,25 +29,7 @@ def rabbit():
     broker.stop()
 
 
-def make_image(path, size, seed=b'thunder'):
-    """A deterministic image: pseudo-random blocks with zero holes."""
-    block = 1 << 20
-    with open(path, 'wb') as f:
-        for i in range(size // block):
-            if i % 4 == 3:
-                f.write(b'\0' * block)
-            else:
-                chunk = hashlib.sha256(seed + b'%d' % i).digest()
-                f.write(chunk * (block // len(chunk)))
-    return path
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+from thunder_agent.testing.images import make_image, sha256_file  # noqa
 
 
 @pytest.fixture

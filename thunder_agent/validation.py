@@ -31,7 +31,7 @@ def _uuid(value, error):
         parsed = uuid.UUID(value)
     except ValueError:
         raise error
-    if str(parsed) != value.lower():
+    if str(parsed) != value:
         raise error
     return str(parsed)
 

@@ -122,7 +122,8 @@ def test_eviction_is_lru_and_spares_templates_in_use(
     from thunder_agent import origin as origin_mod
     images = os.path.join(workdir, 'images')
     os.makedirs(images)
-    size = 16 << 20
+    # 20 MiB images of which 15 MiB data (zeros take no cache space).
+    size = 20 << 20
     agent = agent_factory(options={'cache': {'size_limit_mb': 40}})
     names = 'abcde'
     ids = {n: str(uuid.uuid4()) for n in names}
@@ -138,7 +139,7 @@ def test_eviction_is_lru_and_spares_templates_in_use(
         reader.checksum(conn)
         return conn
 
-    conns = {n: fill(n) for n in 'abc'}   # 48 MiB cached, over 40
+    conns = {n: fill(n) for n in 'abc'}   # 45 MiB cached, over 40
     for n in 'ab':
         agent.client.delete_snapshot(conns[n]['data']['instance_id'])
     # d needs room: a is the least recently used idle template.
@@ -146,7 +147,7 @@ def test_eviction_is_lru_and_spares_templates_in_use(
     present = {t['image_id'] for t in agent.client.get_status()['templates']}
     assert ids['a'] not in present
     assert {ids['b'], ids['c'], ids['d']} <= present
-    # Used: b, c, d = 48 MiB >= 40; b is idle, so e evicts b.
+    # Used: b, c, d = 45 MiB >= 40; b is idle, so e evicts b.
     conns['e'] = fill('e')
     present = {t['image_id'] for t in agent.client.get_status()['templates']}
     assert present == {ids['c'], ids['d'], ids['e']}

@@ -120,6 +120,9 @@ class AgentProcess:
     def teardown(self):
         """Stop the agent and every data-plane daemon it left running."""
         self.stop()
+        if self._client is not None:
+            self._client._api.client.transport.cleanup()
+            self._client = None
         for pid in self.data_plane_pids():
             try:
                 os.kill(pid, signal.SIGKILL)

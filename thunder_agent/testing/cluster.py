@@ -285,8 +285,9 @@ class Cluster:
                                'UNIX-CONNECT:%s' % sock],
                         stderr=subprocess.DEVNULL)
             for host in self.all_hosts]
-        for listener in listeners:
-            _wait_for(lambda: _listening(listener.pid, port), 10,
+        for host, listener in zip(self.all_hosts, listeners):
+            inode = _netns_inode(host.netns)
+            _wait_for(lambda: _listening(listener.pid, port, inode), 10,
                       'loopback port %d in the hosts' % port)
 
     # -- links --
@@ -592,9 +593,14 @@ def _load_state(state_dir):
         return None
 
 
-def _listening(pid, port):
-    """Whether the namespace of *pid* has a TCP listener on *port*."""
+def _listening(pid, port, netns_inode):
+    """Whether *pid*, once in the namespace *netns_inode*, sees a TCP
+    listener on *port* there."""
     try:
+        # Until `ip netns exec` has switched namespaces, /proc/<pid>/net
+        # is the root namespace's.
+        if os.stat('/proc/%d/ns/net' % pid).st_ino != netns_inode:
+            return False
         with open('/proc/%d/net/tcp' % pid) as f:
             lines = f.readlines()[1:]
     except (FileNotFoundError, ProcessLookupError):

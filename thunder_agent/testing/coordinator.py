@@ -43,16 +43,17 @@ class CoordinatorProcess:
                     f.write('%s = %s\n' % (key, value))
         self.proc = None
         self._client = None
+        self._transport = None
 
     @property
     def client(self):
         if self._client is None:
             # The global config object: oslo.messaging registers some of
             # its client options (tracing) there only.
-            transport = rpc.get_transport(agent_conf.CONF,
-                                          self.transport_url)
+            self._transport = rpc.get_transport(agent_conf.CONF,
+                                                self.transport_url)
             self._client = coordinator_rpc.CoordinatorAPI(
-                transport, topic=self.topic, timeout=60)
+                self._transport, topic=self.topic, timeout=60)
         return self._client
 
     def start(self, timeout=60):
@@ -109,6 +110,9 @@ class CoordinatorProcess:
         if self.proc is not None:
             # The worker may outlive a master that died first.
             self.kill()
+        if self._transport is not None:
+            self._transport.cleanup()
+            self._transport = self._client = None
 
     def __enter__(self):
         return self.start()

@@ -115,7 +115,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 root=/dev/vda2
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
     case "$arg" in root=*) root="${arg#root=}" ;; esac
 done
 for module in %(modules)s; do
@@ -149,9 +150,10 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "mount /tmp"
 # Keep kernel messages from splitting the result line.
 echo 1 > /proc/sys/kernel/printk
 hostname -F /etc/hostname || fail "hostname"
-for module in $(grep -v '^#' /etc/modules); do
+while read -r module; do
+    case "$module" in ''|'#'*) continue ;; esac
     modprobe "$module" || fail "modprobe $module"
-done
+done < /etc/modules
 grep -q '^root:x:0:0:' /etc/passwd || fail "no root in /etc/passwd"
 cat /etc/group /etc/hosts /etc/fstab /etc/os-release /etc/profile \
     /etc/services /etc/protocols > /run/etc.txt || fail "read /etc"
@@ -164,8 +166,10 @@ data=$(sha256sum %(data)s) || fail "read %(data)s"
 data=${data%%%% *}
 count=$(cat %(counter)s 2>/dev/null || echo 0)
 count=$((count + 1))
-echo "$count" > %(counter)s.new && sync && \
-    mv %(counter)s.new %(counter)s && sync || fail "write boot counter"
+if ! { echo "$count" > %(counter)s.new && sync &&
+        mv %(counter)s.new %(counter)s && sync; }; then
+    fail "write boot counter"
+fi
 mount -o remount,ro / 2>/dev/null
 echo "%(marker)s count=$count data=$data" > /dev/ttyS0
 poweroff -f
@@ -182,8 +186,10 @@ LABEL thunder
   APPEND %s
 ''' % KERNEL_CMDLINE
 
+# Our own mke2fs.conf: the host's /etc/mke2fs.conf must not change the
+# image. Same features as Debian 12's defaults for ext4.
 MKE2FS_CONF = '''[defaults]
-\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tbase_features = %s
 \tdefault_mntopts = acl,user_xattr
 \tenable_periodic_fsck = 0
 \tblocksize = 4096
@@ -191,9 +197,12 @@ MKE2FS_CONF = '''[defaults]
 \tinode_ratio = 16384
 [fs_types]
 \text4 = {
-\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t\tfeatures = %s
 \t}
-'''
+''' % (','.join(['sparse_super', 'large_file', 'filetype', 'resize_inode',
+                  'dir_index', 'ext_attr']),
+       ','.join(['has_journal', 'extent', 'huge_file', 'flex_bg',
+                 'metadata_csum', '64bit', 'dir_nlink', 'extra_isize']))
 
 ETC_FILES = {
     'hostname': 'thunder-guest\n',

@@ -50,8 +50,13 @@ def checksum(connection_info, length=None):
 
 
 def read(connection_info, offset, length):
+    parts = []
     with open_snapshot(connection_info) as handle:
-        return handle.pread(length, offset)
+        # NBD requests are limited in size (32 MiB for QEMU's server).
+        for start in range(offset, offset + length, CHUNK):
+            parts.append(handle.pread(min(CHUNK, offset + length - start),
+                                      start))
+    return b''.join(parts)
 
 
 def write(connection_info, offset, payload):

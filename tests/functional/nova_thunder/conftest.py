@@ -1,0 +1,93 @@
+import os
+import uuid
+
+import pytest
+
+from tests.unit.nova_thunder import nova_env
+
+CONF = nova_env.load()
+
+from nova import context as nova_context  # noqa: E402
+from nova import objects  # noqa: E402
+
+from nova_thunder import agent as agent_client  # noqa: E402
+from nova_thunder import marking  # noqa: E402
+from tests.functional.nova_thunder import iscsi  # noqa: E402
+
+
+@pytest.fixture
+def flags():
+    overridden = []
+
+    def set_flags(group='thunder', **kwargs):
+        for name, value in kwargs.items():
+            CONF.set_override(name, value, group=group)
+            overridden.append((name, group))
+
+    yield set_flags
+    for name, group in overridden:
+        CONF.clear_override(name, group=group)
+
+
+@pytest.fixture
+def thunder(rabbit, agent, flags):
+    """nova-compute's [thunder] options pointing at a real agent."""
+    flags(transport_url=rabbit.transport_url, agent_host=agent.host,
+          timeout=120)
+    agent_client.reset_client()
+    marking._volume_types.forget()
+    yield agent
+    agent_client.reset_client()
+
+
+@pytest.fixture
+def wired():
+    from nova_thunder import wiring
+    wiring.apply()
+    yield
+    wiring.restore()
+
+
+@pytest.fixture
+def context():
+    return nova_context.RequestContext('user', 'project', is_admin=False)
+
+
+@pytest.fixture
+def instance():
+    return objects.Instance(uuid=str(uuid.uuid4()), host=CONF.host,
+                            availability_zone='nova',
+                            root_device_name='/dev/vda')
+
+
+@pytest.fixture
+def iscsi_volume(workdir, image):
+    """A 1 GiB 'Cinder volume' holding the test image, as a LUN of a tgt
+    target (sparse file: Cinder sizes are whole GiB)."""
+    volume_id = str(uuid.uuid4())
+    lun = os.path.join(workdir, 'volume-%s.lun' % volume_id[:8])
+    with open(image['path'], 'rb') as src, open(lun, 'wb') as dst:
+        dst.write(src.read())
+        dst.truncate(1 << 30)
+    target = iscsi.IscsiTarget(
+        lun, 'iqn.2010-10.org.openstack:volume-' + volume_id)
+    try:
+        target.start()
+    except iscsi.TargetUnavailable as e:
+        pytest.skip('no iSCSI target here: %s' % e)
+    yield {'id': volume_id, 'target': target}
+    target.stop()
+
+
+def snapshots(agent):
+    return {s['instance_id']: s for s in agent.client.get_status()[
+        'snapshots']}
+
+
+def templates(agent):
+    return {t['image_id']: t for t in agent.client.get_status()[
+        'templates']}
+
+
+def overlay_exists(connection_info):
+    return os.path.exists(connection_info['data']['path'])

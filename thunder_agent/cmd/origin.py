@@ -1,0 +1,54 @@
+"""``thunder-origin``: serve an image file read-only over NBD.
+
+Prints the origin as the agent's ``origin`` argument (JSON) and serves until
+interrupted.
+"""
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from thunder_agent import exception
+from thunder_agent import origin
+
+
+def _listen(value):
+    if value.startswith('unix:'):
+        return {'type': 'unix', 'path': value[5:]}
+    if value.startswith('tcp:'):
+        host, _, port = value[4:].rpartition(':')
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError('expected tcp:HOST:PORT')
+        return {'type': 'inet', 'host': host.strip('[]'), 'port': int(port)}
+    raise argparse.ArgumentTypeError('expected unix:PATH or tcp:HOST:PORT')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--image', required=True, help='image file')
+    parser.add_argument('--format', default='raw', choices=['raw', 'qcow2'])
+    parser.add_argument('--export', required=True,
+                        help='NBD export name (usually the image id)')
+    parser.add_argument('--listen', required=True, type=_listen,
+                        help='unix:PATH or tcp:HOST:PORT')
+    parser.add_argument('--run-path', default='/run/thunder-origin')
+    args = parser.parse_args(argv)
+    try:
+        server = origin.OriginServer(args.image, args.format, args.export,
+                                     args.listen, args.run_path).start()
+    except exception.ThunderException as e:
+        print('thunder-origin: %s' % e, file=sys.stderr)
+        return 2
+    print(json.dumps(server.connection()), flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: done.set())
+    done.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
