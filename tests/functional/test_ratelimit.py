@@ -91,11 +91,10 @@ def test_bad_requests_change_nothing(cluster):
     h1 = cluster.hosts[0]
     tool(h1, 'limit', 'eth0', 8 * MBIT, [RELAY_PORT])
     try:
-        for args in (('eth0', 0, [RELAY_PORT]), ('eth0', 8 * MBIT, [0]),
-                     ('eth0', 8 * MBIT, []), ('eth0;x', 8 * MBIT, [1])):
-            result = tool(h1, 'limit', *args)
-            assert result['error'] == 'InvalidInput'
-            assert result['status']['rate_bps'] == 8 * MBIT
+        # More argument checks in tests/unit/test_ratelimit.py.
+        result = tool(h1, 'limit', 'eth0', 0, [RELAY_PORT])
+        assert result['error'] == 'InvalidInput'
+        assert result['status']['rate_bps'] == 8 * MBIT
         # The interface check happens in the daemon.
         result = tool(h1, 'limit', 'eth9', 8 * MBIT, [RELAY_PORT])
         assert result['error'] == 'InvalidInput'

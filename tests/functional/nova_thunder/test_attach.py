@@ -313,7 +313,7 @@ class TestBadInput:
         message = e.value.format_message()
         assert words in message, message
         self._nothing_left(thunder, instance)
-        assert saved == []
+        assert [jsonutils.loads(s) for s in saved] in ([], [{}])
 
     def test_unknown_image(self, thunder, glance, instance, context, saved):
         with pytest.raises(nova_exception.ImageNotFound):
@@ -334,7 +334,7 @@ class TestBadInput:
             self._attach(instance, context, image['id'])
         assert 'returned a qemu disk' in e.value.format_message()
         assert instance.uuid not in snapshots(thunder)
-        assert saved == []
+        assert [jsonutils.loads(s) for s in saved] in ([], [{}])
 
     def test_second_thunder_disk_of_one_instance(self, thunder, glance,
                                                  image, instance, context,
