@@ -32,8 +32,9 @@ def agent_host():
 
 class AgentClient:
     def __init__(self, transport):
-        self.api = agent_api.AgentAPI(transport, topic=CONF.thunder.topic,
-                                      timeout=CONF.thunder.timeout)
+        # The timeout is passed on every call: [thunder] timeout may change
+        # while the client lives.
+        self.api = agent_api.AgentAPI(transport, topic=CONF.thunder.topic)
 
     def prepare(self, image_id, origin, size, image_format, instance_uuid,
                 source):
@@ -49,7 +50,8 @@ class AgentClient:
                  instance_uuid=instance_uuid)
         try:
             return self.api.prepare(host, image_id, origin, size,
-                                    image_format, instance_uuid)
+                                    image_format, instance_uuid,
+                                    timeout=CONF.thunder.timeout)
         except messaging.MessagingTimeout:
             raise exception.ThunderAgentUnavailable(
                 host=host, timeout=CONF.thunder.timeout,
@@ -63,7 +65,8 @@ class AgentClient:
         """Delete the snapshot of *instance_uuid*; False if there was none."""
         host = host or agent_host()
         try:
-            self.api.delete_snapshot(host, instance_uuid)
+            self.api.delete_snapshot(host, instance_uuid,
+                                     timeout=CONF.thunder.timeout)
         except agent_exception.SnapshotNotFound:
             LOG.debug('No thunder snapshot to release on %s', host,
                       instance_uuid=instance_uuid)

@@ -11,7 +11,11 @@ from oslo_log import log as logging  # noqa: E402
 from oslo_service import service  # noqa: E402
 
 from thunder_agent import conf as agent_conf  # noqa: E402
+from thunder_agent.coordinator import policies  # noqa: E402
 from thunder_agent.coordinator import service as coord_service  # noqa: E402
+from thunder_agent import exception  # noqa: E402
+
+LOG = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -22,6 +26,17 @@ def main(argv=None):
          default_config_files=cfg.find_config_files('nova-thunder',
                                                     'thunder-coordinator'))
     logging.setup(conf, 'thunder-coordinator')
+    group = conf.coordinator
+    # Fail here, once, rather than in a worker that would be restarted.
+    try:
+        policies.load(group.policy, group.fan_out)
+    except exception.ThunderException as e:
+        LOG.error('%s', e)
+        return 1
+    if group.node_timeout < 2 * group.heartbeat_interval:
+        LOG.warning('[coordinator] node_timeout (%ss) is less than two '
+                    'heartbeat intervals (%ss): nodes may be dropped while '
+                    'alive', group.node_timeout, group.heartbeat_interval)
     launcher = service.launch(
         conf, coord_service.CoordinatorService(conf),
         restart_method='mutate')

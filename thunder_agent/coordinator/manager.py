@@ -164,6 +164,9 @@ class CoordinatorManager:
         self._clock = clock
         self._trees = {}
         self._last_seen = {}
+        self._last_expiry = None
+        # (image_id, node) of nodes waiting for their children to move.
+        self._leaving = set()
         self._quarantine = collections.defaultdict(dict)
         self._lock = threading.Lock()
 
@@ -190,7 +193,7 @@ class CoordinatorManager:
         with self._lock:
             now = self._clock()
             self._last_seen[node] = now
-            self._expire(now)
+            self._maybe_expire(now)
             tree = self._tree(image_id, origin)
             member = tree.members.get(node)
             if member is None:
@@ -204,6 +207,7 @@ class CoordinatorManager:
                 member.address = address
                 member.origin = origin
                 member.leaving = False
+                self._leaving.discard((image_id, node))
                 member.confirmed = True
                 member.joined_at = now
                 if not member.parents:
@@ -222,7 +226,7 @@ class CoordinatorManager:
         with self._lock:
             now = self._clock()
             self._last_seen[node] = now
-            self._expire(now)
+            self._maybe_expire(now)
             answers = {}
             for image_id, entry in entries.items():
                 tree = self._tree(image_id, entry['origin'])
@@ -261,6 +265,7 @@ class CoordinatorManager:
             tree, member = self._member(image_id, node)
             if not member.leaving:
                 member.leaving = True
+                self._leaving.add((image_id, node))
                 self._reparent_children(tree, node, member.parents)
             pending = self._pending_children(tree, node)
             if not pending:
@@ -365,6 +370,7 @@ class CoordinatorManager:
 
     def _remove(self, tree, node, now, failed=False):
         member = tree.detach(node)
+        self._leaving.discard((tree.image_id, node))
         if failed and self.failure_quarantine:
             tree.quarantine[node] = now + self.failure_quarantine
         self._reparent_children(tree, node, member.parents)
@@ -410,15 +416,22 @@ class CoordinatorManager:
                 if m.node != node and node in m.reported]
 
     def _finish_leaving(self, now):
-        for tree in list(self._trees.values()):
-            for member in list(tree.members.values()):
-                if (member.leaving and member.node in tree.members
-                        and not self._pending_children(tree, member.node)):
-                    self._remove(tree, member.node, now)
-                    if tree.image_id not in self._trees:
-                        break
+        for image_id, node in sorted(self._leaving):
+            tree = self._trees.get(image_id)
+            if tree is None or node not in tree.members:
+                self._leaving.discard((image_id, node))
+            elif not self._pending_children(tree, node):
+                self._remove(tree, node, now)
+                LOG.info('Node %s left the tree of %s', node, image_id)
+
+    def _maybe_expire(self, now):
+        # Calls expire at most once a second: a full pass visits every
+        # member of every tree. The service also expires periodically.
+        if self._last_expiry is None or now - self._last_expiry >= 1:
+            self._expire(now)
 
     def _expire(self, now):
+        self._last_expiry = now
         dead = {node for node, seen in self._last_seen.items()
                 if now - seen > self.node_timeout}
         for tree in list(self._trees.values()):

@@ -188,6 +188,9 @@ class Cluster:
 
     def start(self):
         _check_root()
+        # Leftovers of runs that crashed (their owner is gone) go first.
+        cleanup_stale(self.prefix, state_root=os.path.dirname(
+            self.state_dir))
         os.makedirs(self.state_dir, mode=0o700)
         self._save_state()
         self._started = True

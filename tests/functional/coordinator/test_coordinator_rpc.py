@@ -1,6 +1,7 @@
 """A real thunder-coordinator over a real RabbitMQ broker."""
 
-import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -12,11 +13,19 @@ from thunder_agent.testing import coordinator as coordinator_mod
 
 pytestmark = pytest.mark.functional
 
-IMAGE = str(uuid.uuid4())
-ORIGIN_INFO = {'driver_volume_type': 'nbd',
-               'data': {'host': '198.18.0.1', 'port': 10809,
-                        'export': IMAGE}}
 HOSTS = ['host-%d' % i for i in range(1, 7)]
+# Each test works on its own image: they share one coordinator process.
+IMAGE = None
+ORIGIN_INFO = None
+
+
+@pytest.fixture(autouse=True)
+def image():
+    global IMAGE, ORIGIN_INFO
+    IMAGE = str(uuid.uuid4())
+    ORIGIN_INFO = {'driver_volume_type': 'nbd',
+                   'data': {'host': '198.18.0.1', 'port': 10809,
+                            'export': IMAGE}}
 
 
 def address(node):
@@ -33,10 +42,10 @@ def refs(tree):
     return {node: info['parents'] for node, info in tree['nodes'].items()}
 
 
-@pytest.fixture
-def coordinator(rabbit, workdir):
+@pytest.fixture(scope='module')
+def coordinator(rabbit, tmp_path_factory):
     process = coordinator_mod.CoordinatorProcess(
-        rabbit.transport_url, os.path.join(workdir, 'coordinator'),
+        rabbit.transport_url, str(tmp_path_factory.mktemp('coordinator')),
         topic='coordinator-%s' % uuid.uuid4().hex[:8],
         options={'coordinator': {'fan_out': 2, 'heartbeat_interval': 1,
                                  'node_timeout': 3}})
@@ -123,3 +132,15 @@ def test_silent_node_times_out(coordinator):
     assert answer[IMAGE]['parents'] == [ORIGIN_INFO]
     answer = api.heartbeat('host-6', {IMAGE: entry('host-6', ['host-2'])})
     assert answer[IMAGE]['parents'][0]['node'] == 'host-5'
+
+
+def test_unknown_policy_fails_at_start(tmp_path):
+    conf = tmp_path / 'bad.conf'
+    conf.write_text('[coordinator]\npolicy = no-such-policy\n')
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_agent.cmd.coordinator',
+         '--config-file', str(conf)], capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 1
+    assert "Unknown tree policy 'no-such-policy'; installed: kary" in (
+        result.stdout + result.stderr)
