@@ -119,7 +119,6 @@ def test_killed_data_plane_is_rebuilt_from_its_cache(agent, image, origin):
 def test_eviction_is_lru_and_spares_templates_in_use(
         agent_factory, workdir, qemu_tools):
     from tests.conftest import make_image
-    from thunder_agent import origin as origin_mod
     images = os.path.join(workdir, 'images')
     os.makedirs(images)
     # 20 MiB images of which 15 MiB data (zeros take no cache space).

@@ -37,9 +37,10 @@ def main(argv=None):
         LOG.warning('[coordinator] node_timeout (%ss) is less than two '
                     'heartbeat intervals (%ss): nodes may be dropped while '
                     'alive', group.node_timeout, group.heartbeat_interval)
+    # One process: the trees live in this process's memory.
     launcher = service.launch(
         conf, coord_service.CoordinatorService(conf),
-        restart_method='mutate')
+        restart_method='mutate', no_fork=True)
     launcher.wait()
 
 

@@ -48,6 +48,10 @@ class CoordinatorService(service.Service):
             except Exception:
                 LOG.exception('Expiry of silent nodes failed')
 
+    def wait(self):
+        while not self._stopping.wait(1):
+            pass
+
     def stop(self, graceful=False):
         self._stopping.set()
         if self.rpc_server is not None:

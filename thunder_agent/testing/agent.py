@@ -2,37 +2,33 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 from oslo_config import cfg
 
 from thunder_agent import rpc
 from thunder_agent.rpc import api
+from thunder_agent.testing import service_process
 
 
-class AgentProcess:
+class AgentProcess(service_process.ServiceProcess):
     """A thunder-agent subprocess with its own config, state and run dirs.
 
     ``workdir`` should be short (unix socket paths are limited to 107
     bytes). Extra options go in ``options`` as {group: {name: value}}.
     """
 
+    module = 'thunder_agent.cmd.agent'
+    name = 'thunder-agent'
+
     def __init__(self, transport_url, workdir, host='thunder-test-host',
                  file_origin_dirs=(), backend='qemu', options=None,
                  netns=None):
         self.transport_url = transport_url
-        self.workdir = workdir
         self.host = host
-        self.netns = netns
         self.state_path = os.path.join(workdir, 'state')
         self.run_path = os.path.join(workdir, 'run')
-        self.log_file = os.path.join(workdir, 'agent.log')
-        self.conf_file = os.path.join(workdir, 'thunder-agent.conf')
         groups = {
-            'DEFAULT': {'host': host, 'transport_url': transport_url,
-                        'log_file': self.log_file, 'debug': 'true'},
+            'DEFAULT': {'host': host, 'transport_url': transport_url},
             'agent': {'state_path': self.state_path,
                       'run_path': self.run_path, 'backend': backend,
                       'file_origin_dirs': ','.join(file_origin_dirs),
@@ -41,13 +37,7 @@ class AgentProcess:
         }
         for group, values in (options or {}).items():
             groups.setdefault(group, {}).update(values)
-        os.makedirs(workdir, exist_ok=True)
-        with open(self.conf_file, 'w') as f:
-            for group, values in groups.items():
-                f.write('[%s]\n' % group)
-                for key, value in values.items():
-                    f.write('%s = %s\n' % (key, value))
-        self.proc = None
+        super().__init__(workdir, groups, netns=netns)
         self._client = None
 
     @property
@@ -58,52 +48,8 @@ class AgentProcess:
                                         self.host)
         return self._client
 
-    def start(self, timeout=60):
-        cmd = [sys.executable, '-m', 'thunder_agent.cmd.agent',
-               '--config-file', self.conf_file]
-        if self.netns:
-            cmd = ['ip', 'netns', 'exec', self.netns] + cmd
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log_file + '.stderr',
-                                                 'ab'))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError('thunder-agent exited with %s: %s' % (
-                    self.proc.returncode, self.log_tail()))
-            try:
-                self.client.get_status(timeout=2)
-                return self
-            except Exception:
-                time.sleep(0.3)
-        self.kill()
-        raise RuntimeError('thunder-agent did not answer: %s'
-                           % self.log_tail())
-
-    def log_tail(self, size=3000):
-        out = b''
-        for path in (self.log_file + '.stderr', self.log_file):
-            try:
-                with open(path, 'rb') as f:
-                    out += f.read()[-size:]
-            except OSError:
-                pass
-        return out.decode(errors='replace')
-
-    def kill(self):
-        """SIGKILL, as a crash would."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def ping(self):
+        self.client.get_status(timeout=2)
 
     def data_plane_pids(self):
         pids = []
@@ -128,9 +74,6 @@ class AgentProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-    def __enter__(self):
-        return self.start()
 
     def __exit__(self, *exc):
         self.teardown()
