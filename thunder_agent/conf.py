@@ -79,6 +79,38 @@ qemu_opts = [
 ]
 
 
+relay_group = cfg.OptGroup('relay', title='Relay tree (agent side)')
+relay_opts = [
+    cfg.BoolOpt('enabled', default=False,
+                help='Join the per-image relay trees of the coordinator: a '
+                     'template fetches misses from the parent the '
+                     'coordinator assigns (or the origin) and serves its '
+                     'children. Needs a reachable [relay] listen_address. '
+                     'Only NBD origins that export the image under its id '
+                     'take part; file origins are always read directly.'),
+    cfg.HostAddressOpt('listen_address', default='127.0.0.1',
+                       help='Address template exports listen on when relay '
+                            'is enabled (children and local VMs connect '
+                            'here). Use the address of the storage network.'),
+    cfg.PortOpt('port_min', default=10810,
+                help='First TCP port for template exports (one per image).'),
+    cfg.PortOpt('port_max', default=10873,
+                help='Last TCP port for template exports.'),
+    cfg.IntOpt('rate_limit_mbit', default=0, min=0,
+               help='Cap, in Mbit/s, on relay traffic this node sends to '
+                    'its children (tc HTB on [relay] interface, matching the '
+                    'export ports), so tenants are not starved. 0: no cap.'),
+    cfg.StrOpt('interface', default='eth0',
+               help='Interface relay traffic leaves by, for the rate cap.'),
+    cfg.IntOpt('parent_probe_timeout', default=2, min=1,
+               help='Seconds a connection attempt to the parent may take '
+                    'before the parent counts as unreachable.'),
+    cfg.IntOpt('parent_failures', default=2, min=1,
+               help='Consecutive failed probes (one per housekeeping run) '
+                    'after which the parent is reported as failed and the '
+                    'template re-parented.'),
+]
+
 coordinator_group = cfg.OptGroup('coordinator', title='Relay tree coordinator')
 coordinator_opts = [
     cfg.StrOpt('topic', default='thunder-coordinator',
@@ -111,6 +143,63 @@ coordinator_opts = [
                     'coordinator.'),
 ]
 
+kernel_group = cfg.OptGroup('kernel', title='kernel data-plane backend')
+kernel_opts = [
+    cfg.PortOpt('tgt_control_port', default=0,
+                help='Management port of the tgtd instance that exports '
+                     'this host\'s templates (tgtd -C / tgtadm -C). tgtd '
+                     'must be running; the backend only drives it.'),
+    cfg.HostAddressOpt('export_address',
+                       help='Address children use to reach this host\'s '
+                            'iSCSI exports. Required by the kernel backend.'),
+    cfg.PortOpt('export_port', default=3260,
+                help='TCP port tgtd listens on for iSCSI.'),
+    cfg.StrOpt('iqn_prefix', default='iqn.2010-10.org.openstack.thunder',
+               regex=r'^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+$',
+               help='Prefix of the IQNs under which templates are '
+                    'exported; the host name and image id are appended.'),
+    cfg.StrOpt('device_prefix', default='thunder',
+               regex=r'^[a-z][a-z0-9-]{0,31}$',
+               help='Prefix of the device-mapper devices this agent '
+                    'creates. Agents sharing one kernel (tests) need '
+                    'distinct prefixes.'),
+    cfg.StrOpt('cache_type', default='bcache',
+               choices=[('bcache', 'bcache caches every read miss, so each '
+                                   'block crosses each link once'),
+                        ('dm-cache', 'dm-cache; its smq policy promotes '
+                                     'blocks only after repeated hits')],
+               help='Local cache under each template.'),
+    cfg.StrOpt('dm_cache_mode', default='writethrough',
+               choices=['writethrough', 'passthrough'],
+               help='dm-cache mode when cache_type is dm-cache.'),
+    cfg.IntOpt('cache_block_size', default=65536, min=32768,
+               help='Cache allocation unit in bytes: bcache bucket size or '
+                    'dm-cache block size. A power of two.'),
+    cfg.IntOpt('cache_min_size_mb', default=1024, min=16,
+               help='Minimum size in MiB of a template\'s (sparse) cache '
+                    'file. bcache inserts a read miss only when a free '
+                    'bucket is at hand; a cache with few buckets drops '
+                    'misses under streaming reads and fetches them again.'),
+    cfg.FloatOpt('cache_size_ratio', default=2.0, min=1.1,
+                 help='Cache file size as a multiple of the image size '
+                      '(when above cache_min_size_mb). Sparse: only cached '
+                      'blocks take disk space.'),
+    cfg.IntOpt('snapshot_chunk_size', default=4096, min=4096,
+               help='Copy-on-write granularity of instance snapshots, in '
+                    'bytes. A power of two.'),
+    cfg.IntOpt('source_recovery_timeout', default=5, min=1,
+               help='Seconds an iSCSI session to a source waits for its '
+                    'target to come back before failing I/O to the '
+                    'multipath device above it, which then queues the I/O '
+                    'until the template is re-parented.'),
+    cfg.IntOpt('device_scan_attempts', default=3, min=1,
+               help='SCSI rescans before an attached source LUN is '
+                    'declared missing.'),
+    cfg.IntOpt('teardown_timeout', default=60, min=1,
+               help='Seconds to wait for a cache or device to go away '
+                    'during teardown.'),
+]
+
 
 def register_opts(conf=CONF):
     # Inside nova-compute (which imports the RPC client) Nova already owns
@@ -119,7 +208,9 @@ def register_opts(conf=CONF):
         conf.register_opts(default_opts)
     for group, opts in ((agent_group, agent_opts), (cache_group, cache_opts),
                         (qemu_group, qemu_opts),
-                        (coordinator_group, coordinator_opts)):
+                        (relay_group, relay_opts),
+                        (coordinator_group, coordinator_opts),
+                        (kernel_group, kernel_opts)):
         conf.register_group(group)
         conf.register_opts(opts, group=group)
 
@@ -130,7 +221,9 @@ def list_opts():
         (agent_group, agent_opts),
         (cache_group, cache_opts),
         (qemu_group, qemu_opts),
+        (relay_group, relay_opts),
         (coordinator_group, coordinator_opts),
+        (kernel_group, kernel_opts),
     ]
 
 

@@ -134,3 +134,28 @@ class GuestImageBuildFailed(ThunderException):
 
 class PackageFetchFailed(GuestImageBuildFailed):
     msg_fmt = ("Cannot get Debian package %(package)s with apt: %(reason)s")
+
+
+class InvalidDeviceTable(InvalidInput):
+    msg_fmt = "Invalid device-mapper table argument: %(reason)s"
+
+
+class InvalidSource(InvalidInput):
+    msg_fmt = "Invalid template source: %(reason)s"
+
+
+class SourceUnavailable(BackendError):
+    msg_fmt = ("Cannot attach source %(target)s at %(portal)s: %(reason)s")
+
+
+class SnapshotInUse(ThunderException):
+    msg_fmt = "Snapshot of instance %(instance_id)s is in use: %(reason)s"
+    client_error = True
+
+
+class PrivilegedOperationNotAllowed(ThunderException):
+    msg_fmt = "Privileged operation refused: %(reason)s"
+
+
+class GuestHarnessError(ThunderException):
+    msg_fmt = "Guest test harness cannot run: %(reason)s"

@@ -10,10 +10,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 
+import oslo_messaging as messaging
+
 from thunder_agent import backends
+from thunder_agent.coordinator import ORIGIN
 from thunder_agent import exception
 from thunder_agent import state
 from thunder_agent import validation
@@ -32,11 +36,21 @@ class AgentManager:
         self.templates = {}
         self.snapshots = {}
         self._last_flush = 0.0
+        self.relay = None
+        if conf.relay.enabled:
+            from thunder_agent import relay
+            self.relay = relay.RelayMember(conf)
 
     # -- lifecycle -------------------------------------------------------
     def start(self):
         self.backend.start()
         self.reconcile()
+        if self.relay and self.conf.relay.rate_limit_mbit:
+            from thunder_agent import ratelimit
+            ratelimit.limit(self.conf.relay.interface,
+                            self.conf.relay.rate_limit_mbit * 1000 * 1000,
+                            list(range(self.conf.relay.port_min,
+                                       self.conf.relay.port_max + 1)))
 
     def stop(self):
         with self.lock:
@@ -129,6 +143,8 @@ class AgentManager:
                 image_id=image_id, origin=origin, size=size,
                 image_format=image_format, backend=self.backend.name,
                 sources=[origin])
+            if self.relay and self.relay.takes_part(origin, image_id):
+                self._join_tree(template)
             tdir = self._tdir(image_id)
             os.makedirs(tdir, mode=0o750)
             try:
@@ -137,6 +153,9 @@ class AgentManager:
                 LOG.exception('Creating template %s failed', image_id)
                 with contextlib.suppress(Exception):
                     self.backend.delete_template(template, tdir)
+                if template.relay:
+                    with contextlib.suppress(Exception):
+                        self.relay.leave(image_id)
                 self.store.remove_template(image_id)
                 if isinstance(e, exception.ThunderException):
                     raise
@@ -146,6 +165,42 @@ class AgentManager:
             LOG.info('Template %s ready (%d bytes, %s origin)', image_id,
                      size, origin['driver_volume_type'])
             return self._template_status(template, stats=False)
+
+    def _join_tree(self, template):
+        template.export = {'host': self.conf.relay.listen_address,
+                           'port': self._free_port()}
+        try:
+            parent, source = self.relay.join(template)
+        except messaging.MessagingException as e:
+            # Booting matters more than relaying: read from the origin; the
+            # next heartbeat enters the tree.
+            LOG.warning('Coordinator unreachable (%s); template %s reads '
+                        'from the origin for now', e, template.image_id)
+            parent, source = ORIGIN, template.origin
+        template.sources = [source]
+        template.relay = {'parent': parent, 'failures': 0}
+        LOG.info('Template %s joins the relay tree under %s',
+                 template.image_id, parent)
+
+    def _free_port(self):
+        used = {t.export.get('port') for t in self.templates.values()}
+        address = self.conf.relay.listen_address
+        for port in range(self.conf.relay.port_min,
+                          self.conf.relay.port_max + 1):
+            if port in used:
+                continue
+            try:
+                family = socket.AF_INET6 if ':' in address else socket.AF_INET
+                with socket.socket(family) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((address, port))
+                return port
+            except OSError:
+                continue
+        raise exception.BackendError(
+            reason='no free relay port in %d-%d on %s'
+                   % (self.conf.relay.port_min, self.conf.relay.port_max,
+                      address))
 
     def release_template(self, image_id):
         image_id = validation.image_id(image_id)
@@ -172,7 +227,11 @@ class AgentManager:
                                    key=lambda t: t.last_used_at):
                 if (not self._busy_reason(template)
                         and now - template.last_used_at >= max_idle):
-                    self._delete_template(template)
+                    try:
+                        self._delete_template(template)
+                    except exception.TemplateInUse as e:
+                        LOG.info('Not collected: %s', e)
+                        continue
                     collected.append(template.image_id)
         if collected:
             LOG.info('Collected idle templates %s', collected)
@@ -196,6 +255,20 @@ class AgentManager:
         return None
 
     def _delete_template(self, template):
+        if template.relay:
+            # Children are moved away before the export goes.
+            try:
+                pending = self.relay.leave(template.image_id)
+            except messaging.MessagingException as e:
+                raise exception.TemplateInUse(
+                    image_id=template.image_id,
+                    reason='the coordinator cannot be asked to move its '
+                           'children away (%s)' % e)
+            if pending:
+                template.children = pending
+                raise exception.TemplateInUse(
+                    image_id=template.image_id,
+                    reason='children %s are still being moved' % pending)
         tdir = self._tdir(template.image_id)
         self.backend.delete_template(template, tdir)
         self.store.remove_template(template.image_id)
@@ -211,16 +284,22 @@ class AgentManager:
         cache is below its limit."""
         limit = self.conf.cache.size_limit_mb * MIB
         used = self._cache_used()
+        refused = set()
         while used >= limit:
             idle = sorted((t for t in self.templates.values()
-                           if not self._busy_reason(t)),
+                           if not self._busy_reason(t)
+                           and t.image_id not in refused),
                           key=lambda t: t.last_used_at)
             if not idle:
                 raise exception.CacheFull(used=used, limit=limit)
             victim = idle[0]
             LOG.info('Cache at %d of %d bytes: evicting idle template %s',
                      used, limit, victim.image_id)
-            self._delete_template(victim)
+            try:
+                self._delete_template(victim)
+            except exception.TemplateInUse as e:
+                LOG.info('Not evicted: %s', e)
+                refused.add(victim.image_id)
             used = self._cache_used()
 
     # -- snapshots -------------------------------------------------------
@@ -344,10 +423,58 @@ class AgentManager:
                     LOG.error('Housekeeping of %s: %s', template.image_id, e)
             if flush:
                 self._last_flush = now
+            if self.relay:
+                self._relay_tick()
         self.collect_garbage()
         with self.lock:
             with contextlib.suppress(exception.CacheFull):
                 self._make_room()
+
+    # -- relay tree ------------------------------------------------------
+    def _relay_tick(self):
+        members = [t for t in self.templates.values() if t.relay]
+        if not members:
+            return
+        try:
+            for template in members:
+                self._probe_parent(template)
+            answers = self.relay.heartbeat(members)
+            for template in members:
+                if template.image_id in answers:
+                    self._follow(template, answers[template.image_id])
+                template.children = self.relay.children(template.image_id)
+        except messaging.MessagingException as e:
+            LOG.warning('Coordinator unreachable (%s); templates keep '
+                        'their parents', e)
+
+    def _probe_parent(self, template):
+        if self.relay.probe(template.sources[0]):
+            template.relay['failures'] = 0
+            return
+        template.relay['failures'] = template.relay.get('failures', 0) + 1
+        LOG.warning('Template %s: parent %s does not answer (%d)',
+                    template.image_id, template.relay['parent'],
+                    template.relay['failures'])
+        if (template.relay['failures'] < self.conf.relay.parent_failures
+                or template.relay['parent'] == ORIGIN):
+            return
+        self._follow(template, self.relay.report_failure(template))
+
+    def _follow(self, template, answer):
+        parent = self.relay.parent_of(answer, template.origin)
+        if parent is None:
+            return
+        node, source = parent
+        if node == template.relay.get('parent') and (
+                source == template.sources[0]):
+            return
+        LOG.info('Template %s: parent %s -> %s', template.image_id,
+                 template.relay.get('parent'), node)
+        self.backend.set_sources(template, self._tdir(template.image_id),
+                                 [source])
+        template.sources = [source]
+        template.relay = {'parent': node, 'failures': 0}
+        self.store.save_template(template)
 
 
 @dataclasses.dataclass

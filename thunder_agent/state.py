@@ -30,6 +30,9 @@ class Template:
     export: dict = dataclasses.field(default_factory=dict)
     # Node ids of children currently relaying from this template.
     children: list = dataclasses.field(default_factory=list)
+    # Relay tree membership: {'parent': node id or '@origin', 'failures':
+    # consecutive failed probes of the parent}; empty when not relaying.
+    relay: dict = dataclasses.field(default_factory=dict)
     # Counters carried over data-plane restarts.
     counters: dict = dataclasses.field(default_factory=dict)
 

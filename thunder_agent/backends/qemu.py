@@ -28,6 +28,7 @@ import nbd
 from thunder_agent import exception
 from thunder_agent.backends import base
 from thunder_agent.qemu import storage_daemon
+from thunder_agent import upstream
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class QemuBackend(base.Backend):
         self.qemu_img = conf.qemu.qemu_img
         self.reconnect_delay = conf.qemu.reconnect_delay
         self.cluster_size = conf.cache.cluster_size
+        self.relay = conf.relay.enabled
 
     def start(self):
         os.makedirs(self.run_path, mode=0o750, exist_ok=True)
@@ -59,8 +61,38 @@ class QemuBackend(base.Backend):
         return os.path.join(self.run_path, image_id + '.nbd')
 
     def _export(self, template):
+        if self._relays(template):
+            # The manager assigned the TCP listener (children connect to it).
+            return dict(template.export, driver='nbd',
+                        export=template.image_id, format='raw')
         return {'driver': 'nbd', 'socket': self._socket(template.image_id),
                 'export': template.image_id, 'format': 'raw'}
+
+    @staticmethod
+    def _relays(template):
+        return 'port' in (template.export or {})
+
+    def _nbd_listener(self, template):
+        if self._relays(template):
+            return {'type': 'inet', 'host': template.export['host'],
+                    'port': str(template.export['port'])}
+        return {'type': 'unix', 'path': self._socket(template.image_id)}
+
+    def _upstream(self, template):
+        return upstream.Upstream(template.image_id, self.run_path)
+
+    def _graph_source(self, template):
+        """The source the block graph reads: in a relay tree, always the
+        local forwarder (which points at the current parent)."""
+        source = (template.sources or [template.origin])[0]
+        if self._relays(template) and source['driver_volume_type'] == 'nbd':
+            up = self._upstream(template)
+            if up.pid is None or up.target() != up.describe(source):
+                up.start(source)
+            return {'driver_volume_type': 'nbd',
+                    'data': {'socket': up.socket,
+                             'export': source['data'].get('export', '')}}
+        return source
 
     def _protocol_options(self, source):
         """Blockdev options reaching a source (origin or parent)."""
@@ -74,9 +106,12 @@ class QemuBackend(base.Backend):
             else:
                 server = {'type': 'inet', 'host': data['host'],
                           'port': str(data['port'])}
+            # open-timeout: a parent that joined the tree a moment ago may
+            # not listen yet.
             return {'driver': 'nbd', 'server': server,
                     'export': data.get('export', ''), 'read-only': True,
-                    'reconnect-delay': self.reconnect_delay}
+                    'reconnect-delay': self.reconnect_delay,
+                    'open-timeout': self.reconnect_delay}
         if kind == 'iscsi':
             portal = data['target_portal']
             opts = {'driver': 'iscsi', 'transport': 'tcp', 'portal': portal,
@@ -113,8 +148,8 @@ class QemuBackend(base.Backend):
             args += ['--object', 'secret,id=%s,data=%s'
                      % (obj['id'], obj['data'])]
             opts['file']['password-secret'] = obj['id']
-        if 'reconnect-delay' in opts['file']:
-            del opts['file']['reconnect-delay']
+        for key in ('reconnect-delay', 'open-timeout'):
+            opts['file'].pop(key, None)
         args.append('json:' + json.dumps(opts))
         proc = self._run(args, timeout=60)
         if proc.returncode != 0:
@@ -139,8 +174,7 @@ class QemuBackend(base.Backend):
             if proc.returncode != 0:
                 raise exception.BackendError(reason=proc.stderr.strip())
         daemon = self._daemon(template.image_id)
-        daemon.start(nbd_server={'type': 'unix',
-                                 'path': self._socket(template.image_id)})
+        daemon.start(nbd_server=self._nbd_listener(template))
         try:
             self._build_graph(daemon, template, cache)
         except Exception:
@@ -148,13 +182,8 @@ class QemuBackend(base.Backend):
             raise
         return self._export(template)
 
-    def _source_nodes(self, template, sources, generation):
-        """QMP calls adding protocol+format nodes for the sources."""
-        if len(sources) != 1:
-            # NBD has no multipath: the first reachable parent is used;
-            # the agent lists them in preference order.
-            sources = sources[:1]
-        source = sources[0]
+    def _source_nodes(self, template, source, generation):
+        """QMP calls adding protocol+format nodes for the source."""
         calls = []
         proto = dict(self._protocol_options(source),
                      **{'node-name': 'source-%d' % generation})
@@ -170,8 +199,8 @@ class QemuBackend(base.Backend):
 
     def _build_graph(self, daemon, template, cache):
         generation = template.counters.get('source_generation', 0)
-        sources = template.sources or [template.origin]
-        calls = self._source_nodes(template, sources, generation)
+        calls = self._source_nodes(template, self._graph_source(template),
+                                   generation)
         calls += [
             ('blockdev-add', {'driver': 'file', 'node-name': 'cache-file',
                               'filename': cache}),
@@ -189,6 +218,9 @@ class QemuBackend(base.Backend):
 
     def ensure_template(self, template, template_dir):
         daemon = self._daemon(template.image_id)
+        # A dead forwarder is restarted in place; the template daemon's NBD
+        # client reconnects to it by itself.
+        self._graph_source(template)
         if daemon.is_running():
             try:
                 exports = daemon.command('query-block-exports')
@@ -205,15 +237,31 @@ class QemuBackend(base.Backend):
         return self.create_template(template, template_dir)
 
     def set_sources(self, template, template_dir, sources):
-        raise NotImplementedError('re-parenting arrives with the relay tree')
+        """Point the template at another parent: swap the forwarder.
+
+        NBD has no multipath; the first source is used (the coordinator
+        lists parents in preference order).
+        """
+        if not self._relays(template):
+            raise exception.BackendError(
+                reason='template %s does not take part in a relay tree'
+                       % template.image_id)
+        template.sources = list(sources[:1])
+        self._graph_source(template)
 
     def delete_template(self, template, template_dir):
         self._daemon(template.image_id).stop()
+        self._upstream(template).stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._socket(template.image_id))
 
     def is_healthy(self, template, template_dir):
-        return self._daemon(template.image_id).is_running()
+        if not self._daemon(template.image_id).is_running():
+            return False
+        if self._relays(template) and (template.sources or [template.origin]
+                                       )[0]['driver_volume_type'] == 'nbd':
+            return self._upstream(template).pid is not None
+        return True
 
     def flush_template(self, template, template_dir):
         """Flush the cache's metadata to disk through the export.
@@ -225,7 +273,11 @@ class QemuBackend(base.Backend):
         handle = nbd.NBD()
         try:
             handle.set_export_name(template.image_id)
-            handle.connect_unix(self._socket(template.image_id))
+            if self._relays(template):
+                handle.connect_tcp(template.export['host'],
+                                   str(template.export['port']))
+            else:
+                handle.connect_unix(self._socket(template.image_id))
             handle.flush()
             handle.shutdown()
         except nbd.Error as e:
@@ -295,10 +347,9 @@ class QemuBackend(base.Backend):
                          'backing': self._export(template)}}
 
     def backing_filename(self, template):
+        server = self._nbd_listener(template)
         return 'json:' + json.dumps({'driver': 'raw', 'file': {
-            'driver': 'nbd',
-            'server': {'type': 'unix',
-                       'path': self._socket(template.image_id)},
+            'driver': 'nbd', 'server': server,
             'export': template.image_id,
             'reconnect-delay': self.reconnect_delay}})
 

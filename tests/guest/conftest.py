@@ -1,0 +1,439 @@
+"""Fixtures of the tests that run inside the QEMU guest (tools/guest-run).
+
+Three hosts share the guest's kernel, each with its own network namespace
+on one bridge, and its own tgtd:
+
+    origin  10.99.1.1 and 10.99.1.2   exports the images (loop devices)
+    A       10.99.2.1                 relays from the origin
+    B       10.99.3.1                 relays from A, runs the snapshots
+
+The iSCSI initiator (iscsid and the kernel's sessions) is not
+namespace-aware, so every host's initiator side lives in the root
+namespace and reaches the others over the bridge. Sessions are keyed by
+portal and target: the origin has one address per client host so that
+A's and B's sessions to it stay apart, as they would on two machines.
+
+Outside the guest every test here is skipped.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+IN_GUEST = os.environ.get('THUNDER_GUEST') == '1'
+RESULTS_DIR = os.environ.get('THUNDER_GUEST_RESULTS')
+MIB = 1024 * 1024
+IMAGE_SIZE = 32 * MIB
+BRIDGE = 'thbr0'
+BRIDGE_ADDRESS = '10.99.0.254'
+PREFIXLEN = 16
+IQN_PREFIX = 'iqn.2010-10.org.openstack.thunder'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def guest_only():
+    if not IN_GUEST:
+        pytest.skip('runs only inside the QEMU guest started by '
+                    'tools/guest-run (THUNDER_GUEST=1 is not set)')
+
+
+def sh(*argv, check=True, timeout=120):
+    proc = subprocess.run(argv, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError('%s failed (%d): %s' % (
+            ' '.join(argv), proc.returncode, proc.stderr.strip()))
+    return proc.stdout
+
+
+def record(name, value):
+    """Store a measurement in the results directory brought back to the
+    host (``measurements.json``) and print it."""
+    print('MEASURED %s = %s' % (name, json.dumps(value)))
+    if not RESULTS_DIR:
+        return
+    path = os.path.join(RESULTS_DIR, 'measurements.json')
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[name] = value
+    with open(path, 'w') as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+# -- reading block devices ------------------------------------------------
+
+CHUNK = 256 * 1024
+
+
+def read_device(path, size, chunk=CHUNK, on_chunk=None):
+    """sha256 of the first *size* bytes of *path*, read with O_DIRECT so
+    that every byte really goes down the device stack."""
+    digest = hashlib.sha256()
+    buf = mmap.mmap(-1, chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        offset = 0
+        while offset < size:
+            n = os.preadv(fd, [buf], offset)
+            if n <= 0:
+                raise IOError('short read at %d of %s' % (offset, path))
+            n = min(n, size - offset)
+            digest.update(buf[:n])
+            offset += n
+            if on_chunk:
+                on_chunk(offset)
+    finally:
+        os.close(fd)
+        buf.close()
+    return digest.hexdigest()
+
+
+def write_device(path, offset, data):
+    """Write *data* (a multiple of 4 KiB) at *offset* with O_DIRECT."""
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+# -- the guest's hosts ----------------------------------------------------
+
+@dataclasses.dataclass
+class Host:
+    name: str
+    netns: str
+    addresses: list
+    control_port: int
+    workdir: str
+    tgtd: subprocess.Popen = None
+
+    @property
+    def address(self):
+        return self.addresses[0]
+
+    def start_tgtd(self):
+        self.tgtd = subprocess.Popen(
+            ['ip', 'netns', 'exec', self.netns, 'tgtd', '-f', '-C',
+             str(self.control_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            proc = subprocess.run(['tgtadm', '-C', str(self.control_port),
+                                   '--op', 'show', '--mode', 'sys'],
+                                  capture_output=True)
+            if proc.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError('tgtd of %s did not come up' % self.name)
+
+    def kill_tgtd(self):
+        """SIGKILL: the host's exports vanish without a goodbye."""
+        if self.tgtd and self.tgtd.poll() is None:
+            self.tgtd.kill()
+            self.tgtd.wait()
+        # Its management socket stays behind; tgtd refuses to start next
+        # to a stale one.
+        for path in ('/var/run/tgtd/socket.%d' % self.control_port,
+                     '/var/run/tgtd/socket.%d.lock' % self.control_port):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def targets(self):
+        return sh('tgtadm', '-C', str(self.control_port), '--lld', 'iscsi',
+                  '--op', 'show', '--mode', 'target')
+
+
+def _setup_network(hosts):
+    from pyroute2 import IPRoute
+    from pyroute2 import NetNS
+    from pyroute2 import netns
+
+    with IPRoute() as ipr:
+        ipr.link('add', ifname=BRIDGE, kind='bridge')
+        bridge = ipr.link_lookup(ifname=BRIDGE)[0]
+        ipr.addr('add', index=bridge, address=BRIDGE_ADDRESS,
+                 prefixlen=PREFIXLEN)
+        ipr.link('set', index=bridge, state='up')
+        for i, host in enumerate(hosts):
+            netns.create(host.netns)
+            outer, inner = 'thv%d' % i, 'thv%dp' % i
+            ipr.link('add', ifname=outer, kind='veth', peer=inner)
+            ipr.link('set', index=ipr.link_lookup(ifname=outer)[0],
+                     master=bridge, state='up')
+            ipr.link('set', index=ipr.link_lookup(ifname=inner)[0],
+                     net_ns_fd=host.netns)
+            with NetNS(host.netns) as ns:
+                ns.link('set', index=ns.link_lookup(ifname='lo')[0],
+                        state='up')
+                index = ns.link_lookup(ifname=inner)[0]
+                for address in host.addresses:
+                    ns.addr('add', index=index, address=address,
+                            prefixlen=PREFIXLEN)
+                ns.link('set', index=index, state='up')
+
+
+def _teardown_network(hosts):
+    from pyroute2 import IPRoute
+    from pyroute2 import netns
+
+    with IPRoute() as ipr:
+        for i, host in enumerate(hosts):
+            with contextlib.suppress(Exception):
+                ipr.link('del', index=ipr.link_lookup(ifname='thv%d'
+                                                      % i)[0])
+            with contextlib.suppress(Exception):
+                netns.remove(host.netns)
+        with contextlib.suppress(Exception):
+            ipr.link('del', index=ipr.link_lookup(ifname=BRIDGE)[0])
+
+
+def _wait_reachable(address, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(['ping', '-c', '1', '-W', '1', address],
+                          capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError('%s is not reachable' % address)
+
+
+@pytest.fixture(scope='session')
+def guest(tmp_path_factory):
+    """Kernel modules, privsep daemons, iscsid, namespaces and tgtds."""
+    from oslo_privsep import priv_context
+    import os_brick.privileged
+
+    from thunder_agent import privileged
+
+    sh('modprobe', '-a', 'sd_mod', 'iscsi_tcp', 'dm_multipath',
+       'dm_snapshot', 'dm_cache', 'dm_cache_smq', 'bcache', 'loop')
+    # The guest runs everything as root: fork the privileged daemons
+    # instead of launching them through sudo.
+    for context in (privileged.default, os_brick.privileged.default):
+        if context.channel is None:
+            context.start(priv_context.Method.FORK)
+    if subprocess.run(['pgrep', '-x', 'iscsid'],
+                      capture_output=True).returncode != 0:
+        sh('iscsid')
+    root = tmp_path_factory.mktemp('hosts')
+    hosts = {
+        'origin': Host('origin', 'thunder-origin', ['10.99.1.1',
+                                                    '10.99.1.2'],
+                       11, str(root / 'origin')),
+        'a': Host('a', 'thunder-a', ['10.99.2.1'], 12, str(root / 'a')),
+        'b': Host('b', 'thunder-b', ['10.99.3.1'], 13, str(root / 'b')),
+    }
+    _setup_network(list(hosts.values()))
+    try:
+        for host in hosts.values():
+            os.makedirs(host.workdir)
+            _wait_reachable(host.address)
+            host.start_tgtd()
+        yield hosts
+    finally:
+        for host in hosts.values():
+            host.kill_tgtd()
+        _teardown_network(list(hosts.values()))
+
+
+# -- images at the origin -------------------------------------------------
+
+@dataclasses.dataclass
+class Image:
+    image_id: str
+    path: str
+    size: int
+    sha256: str
+    loop: str
+    iqn: str
+    secret: str
+
+    def origin_bytes_read(self):
+        """Bytes read from the image's backing device at the origin."""
+        with open('/sys/block/%s/stat' % os.path.basename(self.loop)) as f:
+            return int(f.read().split()[2]) * 512
+
+    def export(self, portal_address, secret=None):
+        """The origin export as Cinder would hand it out."""
+        return {'driver_volume_type': 'iscsi',
+                'data': {'target_portal': '%s:3260' % portal_address,
+                         'target_iqn': self.iqn, 'target_lun': 1,
+                         'target_discovered': False, 'auth_method': 'CHAP',
+                         'auth_username': 'origin-' + self.image_id[:8],
+                         'auth_password': secret or self.secret}}
+
+
+@pytest.fixture(scope='session')
+def make_image(guest):
+    """Factory: a random image exported by the origin's tgtd."""
+    from thunder_agent.kernel import chap
+    from thunder_agent.kernel import target
+
+    origin = guest['origin']
+    tgt = target.Tgt(origin.control_port)
+    made = []
+
+    def make(size=IMAGE_SIZE):
+        image_id = str(uuid.uuid4())
+        path = os.path.join(origin.workdir, image_id + '.raw')
+        digest = hashlib.sha256()
+        with open(path, 'wb') as f:
+            for _ in range(size // MIB):
+                block = os.urandom(MIB)
+                digest.update(block)
+                f.write(block)
+        loop = sh('losetup', '--find', '--show', '--read-only',
+                  path).strip()
+        image = Image(image_id, path, size, digest.hexdigest(), loop,
+                      '%s:origin:%s' % (IQN_PREFIX, image_id),
+                      chap.new_secret())
+        tgt.export(image.iqn, loop, 'origin-' + image_id[:8], image.secret)
+        made.append(image)
+        return image
+
+    yield make
+    for image in made:
+        with contextlib.suppress(Exception):
+            tgt.unexport(image.iqn, 'origin-' + image.image_id[:8])
+        sh('losetup', '--detach', image.loop, check=False)
+
+
+# -- agents' backends -----------------------------------------------------
+
+class Agent:
+    """One host's kernel backend with the directories the manager would
+    give it."""
+
+    def __init__(self, host, **kernel_overrides):
+        from oslo_config import cfg
+
+        from thunder_agent.backends import kernel
+        from thunder_agent import conf as agent_conf
+
+        self.host = host
+        conf = cfg.ConfigOpts()
+        agent_conf.register_opts(conf)
+        conf([], project='thunder-agent')
+        conf.set_override('host', 'host-' + host.name)
+        conf.set_override('state_path', os.path.join(host.workdir, 'state'),
+                          group='agent')
+        conf.set_override('run_path', os.path.join(host.workdir, 'run'),
+                          group='agent')
+        settings = {'device_prefix': 'th' + host.name,
+                    'tgt_control_port': host.control_port,
+                    'export_address': host.address}
+        settings.update(kernel_overrides)
+        for key, value in settings.items():
+            conf.set_override(key, value, group='kernel')
+        os.makedirs(conf.agent.run_path, exist_ok=True)
+        self.conf = conf
+        self.backend = kernel.KernelBackend(conf)
+        self.backend.start()
+
+    def template_dir(self, image_id):
+        return os.path.join(self.conf.agent.state_path, 'templates',
+                            image_id)
+
+    def snapshot_dir(self, instance_id):
+        return os.path.join(self.conf.agent.state_path, 'snapshots',
+                            instance_id)
+
+    def create_template(self, image, sources):
+        from thunder_agent import state
+
+        template = state.Template(
+            image_id=image.image_id, origin=sources[0], size=image.size,
+            image_format='raw', backend='kernel', sources=list(sources))
+        tdir = self.template_dir(image.image_id)
+        os.makedirs(tdir)
+        try:
+            template.export = self.backend.create_template(template, tdir)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.backend.delete_template(template, tdir)
+            shutil.rmtree(tdir)
+            raise
+        return template
+
+    def delete_template(self, template):
+        tdir = self.template_dir(template.image_id)
+        self.backend.delete_template(template, tdir)
+        shutil.rmtree(tdir)
+
+    def create_snapshot(self, template):
+        from thunder_agent import state
+
+        snap = state.Snapshot(instance_id=str(uuid.uuid4()),
+                              image_id=template.image_id)
+        sdir = self.snapshot_dir(snap.instance_id)
+        os.makedirs(sdir)
+        snap.connection_info = self.backend.create_snapshot(
+            template, self.template_dir(template.image_id),
+            snap.instance_id, sdir)
+        return snap
+
+    def delete_snapshot(self, template, snap):
+        sdir = self.snapshot_dir(snap.instance_id)
+        self.backend.delete_snapshot(
+            template, self.template_dir(template.image_id), snap, sdir)
+        shutil.rmtree(sdir)
+
+
+@pytest.fixture
+def agents(guest):
+    """Factory of agents; checks after the test that each one left no
+    device behind."""
+    made = []
+
+    def make(name, **overrides):
+        agent = Agent(guest[name], **overrides)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        left = leftovers(agent)
+        assert not any(left.values()), left
+
+
+def leftovers(agent):
+    """What an agent left in the kernel and in tgt."""
+    prefix = agent.conf.kernel.device_prefix + '-'
+    dm = [line.split()[0] for line in sh('dmsetup', 'ls').splitlines()
+          if line.startswith(prefix)]
+    state = os.path.realpath(agent.conf.agent.state_path) + '/'
+    loops = [line for line in sh('losetup', '--list', '--noheadings',
+                                 '--output', 'NAME,BACK-FILE').splitlines()
+             if state in line]
+    targets = [line for line in agent.host.targets().splitlines()
+               if line.startswith('Target ')]
+    return {'dm': dm, 'loops': loops, 'targets': targets}
+
+
+def iscsi_sessions():
+    """``[(portal, iqn)]`` of the kernel's iSCSI sessions."""
+    proc = subprocess.run(['iscsiadm', '-m', 'session'],
+                          capture_output=True, text=True)
+    sessions = []
+    for line in proc.stdout.splitlines():
+        # tcp: [3] 10.99.1.1:3260,1 iqn.... (non-flash)
+        fields = line.split()
+        if len(fields) >= 4:
+            sessions.append((fields[2].split(',')[0], fields[3]))
+    return sessions
