@@ -122,9 +122,15 @@ coordinator_opts = [
                     '"thunder_agent.tree_policies" entry point namespace. '
                     '"kary": k-ary breadth-first fill under the origin.'),
     cfg.IntOpt('fan_out', default=4, min=1, max=1024,
-               help='Children per node (and under the origin) that the '
-                    'tree policy aims for: the "k" of the k-ary tree. Trees '
-                    'grow log_k(hosts) deep; a larger k loads parents more.'),
+               help='Children per node that the tree policy aims for: the '
+                    '"k" of the k-ary tree. Trees grow log_k(hosts) deep; a '
+                    'larger k loads parents more.'),
+    cfg.IntOpt('origin_fan_out', default=1, min=1, max=1024,
+               help='Children the origin serves directly. 1 makes the '
+                    'origin send each block once, whatever the number of '
+                    'hosts; raise it only when the origin\'s link is much '
+                    'faster than the hosts\' (every child costs the origin '
+                    'one more copy of the working set).'),
     cfg.IntOpt('heartbeat_interval', default=10, min=1,
                help='Seconds between two heartbeats of an agent. The '
                     'heartbeat lists the templates of the agent and their '

@@ -159,3 +159,19 @@ class PrivilegedOperationNotAllowed(ThunderException):
 
 class GuestHarnessError(ThunderException):
     msg_fmt = "Guest test harness cannot run: %(reason)s"
+
+
+class InvalidTrace(InvalidInput):
+    msg_fmt = "Invalid boot trace %(path)s: %(reason)s"
+
+
+class TraceRecordFailed(ThunderException):
+    msg_fmt = "Cannot record a boot trace of %(image)s: %(reason)s"
+
+
+class PrefetchFailed(ThunderException):
+    msg_fmt = "Prefetch from %(address)s failed: %(reason)s"
+
+
+class BenchmarkFailed(ThunderException):
+    msg_fmt = "Boot-storm benchmark failed: %(reason)s"

@@ -13,7 +13,7 @@ from thunder_agent.qemu import storage_daemon
 
 class OriginServer:
     def __init__(self, image_path, image_format, export, listen, run_path,
-                 name=None, executable='qemu-storage-daemon'):
+                 name=None, executable='qemu-storage-daemon', netns=None):
         """*listen* is ``{'type': 'unix', 'path': P}`` or
         ``{'type': 'inet', 'host': H, 'port': N}``."""
         if image_format not in ('raw', 'qcow2'):
@@ -29,7 +29,7 @@ class OriginServer:
         if self.listen.get('type') == 'inet':
             self.listen['port'] = str(self.listen['port'])
         self.daemon = storage_daemon.StorageDaemon(
-            name or 'origin-%s' % export, run_path, executable)
+            name or 'origin-%s' % export, run_path, executable, netns=netns)
 
     def start(self):
         blockdevs = [

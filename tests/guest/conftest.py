@@ -17,6 +17,7 @@ Outside the guest every test here is skipped.
 """
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -203,14 +204,11 @@ def _teardown_network(hosts):
             ipr.link('del', index=ipr.link_lookup(ifname=BRIDGE)[0])
 
 
-def _wait_reachable(address, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run(['ping', '-c', '1', '-W', '1', address],
-                          capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError('%s is not reachable' % address)
+def _wait_reachable(address, port=3260, timeout=30):
+    from thunder_agent.testing import netutil
+
+    if not netutil.wait_for_port(address, port, timeout):
+        raise RuntimeError('%s:%d is not reachable' % (address, port))
 
 
 @pytest.fixture(scope='session')
@@ -243,8 +241,9 @@ def guest(tmp_path_factory):
     try:
         for host in hosts.values():
             os.makedirs(host.workdir)
-            _wait_reachable(host.address)
             host.start_tgtd()
+            for address in host.addresses:
+                _wait_reachable(address)
         yield hosts
     finally:
         for host in hosts.values():
@@ -328,7 +327,12 @@ class Agent:
 
         self.host = host
         conf = cfg.ConfigOpts()
-        agent_conf.register_opts(conf)
+        # Copies: registered option groups keep their overrides, and two
+        # agents in one process must not share them.
+        for group, opts in agent_conf.list_opts():
+            name = group if isinstance(group, str) else group.name
+            conf.register_opts([copy.deepcopy(o) for o in opts],
+                               group=None if name == 'DEFAULT' else name)
         conf([], project='thunder-agent')
         conf.set_override('host', 'host-' + host.name)
         conf.set_override('state_path', os.path.join(host.workdir, 'state'),

@@ -29,7 +29,7 @@ def main(argv=None):
     group = conf.coordinator
     # Fail here, once, rather than in a worker that would be restarted.
     try:
-        policies.load(group.policy, group.fan_out)
+        policies.load(group.policy, group.fan_out, group.origin_fan_out)
     except exception.ThunderException as e:
         LOG.error('%s', e)
         return 1

@@ -173,7 +173,8 @@ class CoordinatorManager:
     @classmethod
     def from_conf(cls, conf, clock=time.monotonic):
         group = conf.coordinator
-        return cls(policies.load(group.policy, group.fan_out),
+        return cls(policies.load(group.policy, group.fan_out,
+                                 group.origin_fan_out),
                    heartbeat_interval=group.heartbeat_interval,
                    node_timeout=group.node_timeout,
                    failure_quarantine=group.failure_quarantine, clock=clock)

@@ -26,8 +26,10 @@ class StorageDaemon:
     """A qemu-storage-daemon identified by *name* under *run_path*."""
 
     def __init__(self, name, run_path, executable='qemu-storage-daemon',
-                 start_timeout=30):
+                 start_timeout=30, netns=None):
         self.name = name
+        # Run inside this network namespace (test clusters, origins).
+        self.netns = netns
         self.executable = executable
         self.start_timeout = start_timeout
         self.qmp_path = os.path.join(run_path, name + '.qmp')
@@ -77,6 +79,8 @@ class StorageDaemon:
         if nbd_server is not None:
             cmd += ['--nbd-server', json.dumps({'addr': nbd_server})]
         cmd += list(extra_args)
+        if self.netns:
+            cmd = ['ip', 'netns', 'exec', self.netns] + cmd
         LOG.debug('Starting %s', ' '.join(cmd))
         with open(self.log_path, 'ab') as log:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log,

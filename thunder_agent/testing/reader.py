@@ -62,3 +62,27 @@ def read(connection_info, offset, length):
 def write(connection_info, offset, payload):
     with open_snapshot(connection_info, writable=True) as handle:
         handle.pwrite(payload, offset)
+
+
+def main(argv=None):
+    """``python -m thunder_agent.testing.reader CONNECTION_JSON``: read the
+    whole snapshot (run it inside a host's namespace) and print a JSON line
+    with sha256, bytes, seconds and the error, if any."""
+    import json
+    import sys
+    import time
+    argv = sys.argv[1:] if argv is None else argv
+    conn = json.loads(argv[0])
+    start = time.monotonic()
+    try:
+        digest, size = checksum(conn)
+        result = {'sha256': digest, 'bytes': size, 'error': None}
+    except Exception as e:  # reported, not raised: the caller asserts
+        result = {'sha256': None, 'bytes': 0, 'error': repr(e)}
+    result['seconds'] = time.monotonic() - start
+    print(json.dumps(result), flush=True)
+    return 0 if result['error'] is None else 1
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -45,8 +45,11 @@ class IscsiTarget:
         if os.geteuid() != 0:
             raise TargetUnavailable('tgtd needs root')
         self.port = netutil.free_port()
-        # tgtd's management socket is /var/run/tgtd/socket.<control>.
-        self.control = self.port
+        # tgtd's management socket is /var/run/tgtd/socket.<control>, with
+        # <control> at most 32767.
+        self.control = 20000 + self.port % 10000
+        while os.path.exists('/var/run/tgtd/socket.%d' % self.control):
+            self.control += 1
         self.log = open(self.backing_file + '.tgtd.log', 'wb')
         self.proc = subprocess.Popen(
             ['tgtd', '-f', '--iscsi', 'portal=%s' % self.portal,
@@ -93,14 +96,18 @@ class IscsiTarget:
 
     def stop(self):
         if self.proc is not None:
+            # tgtd ignores SIGTERM; it stops on request, or is killed.
+            subprocess.run(['tgtadm', '-C', str(self.control), '--op',
+                            'delete', '--mode', 'system'],
+                           capture_output=True, timeout=30)
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
             self.proc = None
             self.log.close()
             for suffix in ('', '.lock'):

@@ -35,15 +35,16 @@ CONNECTOR = {'platform': 'x86_64', 'os_type': 'linux', 'ip': '127.0.0.1',
 
 
 class RecordedGlance:
-    """nova.image.glance.API, answering from recorded image dicts."""
+    """nova.image.glance.API.get, answering from recorded image dicts."""
     images = {}
 
-    def get(self, context, image_id, include_locations=False,
+    @classmethod
+    def get(cls, api, context, id_or_uri, include_locations=False,
             show_deleted=True):
         try:
-            return copy.deepcopy(self.images[image_id])
+            return copy.deepcopy(cls.images[id_or_uri])
         except KeyError:
-            raise nova_exception.ImageNotFound(image_id=image_id)
+            raise nova_exception.ImageNotFound(image_id=id_or_uri)
 
 
 class RecordingCinder:
@@ -117,7 +118,10 @@ def glance(monkeypatch, image):
     RecordedGlance.images = {image['id']: payloads.image(
         id=image['id'], size=image['size'],
         properties={'thunder_origin': 'file://' + image['path']})}
-    monkeypatch.setattr(block_device.glance, 'API', RecordedGlance)
+    monkeypatch.setattr(
+        block_device.glance.API, 'get',
+        lambda self, context, id_or_uri, include_locations=False,
+        show_deleted=True: RecordedGlance.get(self, context, id_or_uri))
     return RecordedGlance.images
 
 

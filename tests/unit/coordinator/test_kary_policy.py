@@ -229,3 +229,18 @@ def test_no_cycles_under_random_churn():
             clock.advance(rng.choice([0.5, 2, 6]))
             mgr.expire()
         _assert_acyclic(mgr)
+
+
+def test_single_origin_child_makes_the_origin_send_once():
+    tree = manager.ImageTree(fx.IMAGE, fx.ORIGIN_INFO, fx.Clock())
+    policy = kary.KaryBreadthFirst(2, origin_fan_out=1)
+    parents = fill(tree, policy, ['h%d' % i for i in range(1, 7)])
+    assert parents == {'h1': [ORIGIN], 'h2': ['h1'], 'h3': ['h1'],
+                       'h4': ['h2'], 'h5': ['h2'], 'h6': ['h3']}
+    assert tree.height() == 3
+
+
+def test_origin_fan_out_is_loaded_through_stevedore():
+    policy = policies.load('kary', 3, 1)
+    assert (policy.fan_out, policy.origin_fan_out) == (3, 1)
+    assert policy.slots(ORIGIN) == 1 and policy.slots('h1') == 3

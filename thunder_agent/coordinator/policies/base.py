@@ -51,11 +51,23 @@ class TreeView(abc.ABC):
 class TreePolicy(abc.ABC):
     """A stevedore plugin in namespace ``thunder_agent.tree_policies``."""
 
-    def __init__(self, fan_out):
-        if isinstance(fan_out, bool) or not isinstance(fan_out, int) or (
-                fan_out < 1):
-            raise ValueError('fan_out must be a positive integer')
+    def __init__(self, fan_out, origin_fan_out=None):
+        for value in (fan_out, origin_fan_out):
+            if value is None and value is origin_fan_out:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    value < 1):
+                raise ValueError('fan_out and origin_fan_out must be '
+                                 'positive integers')
         self.fan_out = fan_out
+        # Children the origin serves directly (default: like any node).
+        self.origin_fan_out = (fan_out if origin_fan_out is None
+                               else origin_fan_out)
+
+    def slots(self, node):
+        """How many children *node* may serve."""
+        from thunder_agent.coordinator import ORIGIN
+        return self.origin_fan_out if node == ORIGIN else self.fan_out
 
     @abc.abstractmethod
     def choose_parents(self, tree, node):

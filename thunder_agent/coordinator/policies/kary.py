@@ -30,7 +30,7 @@ class KaryBreadthFirst(base.TreePolicy):
 
     def _has_slot(self, tree, candidate):
         return tree.can_serve(candidate) and tree.load(candidate) < (
-            self.fan_out)
+            self.slots(candidate))
 
     def _shallowest_free(self, tree, excluded):
         # Breadth-first from the origin, children in join order; subtrees
