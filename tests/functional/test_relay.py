@@ -76,6 +76,19 @@ def test_six_hosts_fan_out_two_each_block_crosses_each_link_once(
             # which cost no data on the wire and are not copied.
             assert 0.75 * size <= status['bytes_fetched'] <= size, host
             assert status['healthy']
+        cluster_id, workdir = tc.cluster.id, tc.workdir
+    _assert_nothing_left(cluster_id, workdir)
+
+
+def _assert_nothing_left(cluster_id, workdir):
+    import subprocess
+    netns = subprocess.run(['ip', 'netns', 'list'], capture_output=True,
+                           text=True).stdout
+    assert cluster_id not in netns
+    procs = subprocess.run(['ps', '-eo', 'args'], capture_output=True,
+                           text=True).stdout
+    assert workdir not in procs and cluster_id not in procs
+    assert not os.path.exists(workdir)
 
 
 def _wait_for(predicate, timeout, interval=0.2):
@@ -179,3 +192,30 @@ def _has_tree(tc):
         return len(tc.tree()['nodes']) == len(tc.agents)
     except Exception:
         return False
+
+
+def test_relay_rate_limit_caps_what_a_parent_sends(rabbit, relay_image):
+    import sys
+    image, digest = relay_image
+    size = os.path.getsize(image)
+    cap_mbit = 40
+    options = {'relay': {'rate_limit_mbit': cap_mbit, 'interface': 'eth0'},
+               # As root there is no sudo or rootwrap in the way.
+               'thunder_agent_privileged': {'helper_command': os.path.join(
+                   os.path.dirname(sys.executable), 'privsep-helper')}}
+    with _cluster(rabbit, image, hosts=2, bandwidth_mbit=None, fan_out=1,
+                  agent_options=options) as tc:
+        conns = {h: tc.prepare(h) for h in ('h1', 'h2')}
+        # h1 fills from the origin (which has no cap), then h2 reads from
+        # h1 through h1's capped relay port.
+        assert tc.finish_reader(tc.start_reader('h1', conns['h1']))[
+            'sha256'] == digest
+        before = tc.cluster.counters()
+        result = tc.finish_reader(tc.start_reader('h2', conns['h2']))
+        links = _link_bytes(before, tc.cluster.counters())
+        assert result['error'] is None and result['sha256'] == digest
+        rate = links['h2'][1] * 8 / result['seconds'] / 1e6
+        print('\nh1 -> h2 relay: %d bytes in %.1fs = %.1f Mbit/s (cap %d)'
+              % (links['h2'][1], result['seconds'], rate, cap_mbit))
+        assert links['h2'][1] >= 0.7 * size
+        assert rate <= cap_mbit * 1.1

@@ -1,0 +1,511 @@
+"""Run boot storms on the emulated cluster, mode after mode.
+
+For every number of hosts H and every mode, a fresh emulated cluster (H
+compute hosts and an origin host, links shaped to W) is started; at time 0
+every host starts getting the image its mode's way and boots V VMs; the
+storm ends when the last VM has booted. Modes:
+
+``full-copy``
+    each host downloads the whole image over HTTP (nginx on the origin
+    host, curl on the host), then boots its VMs from the local copy;
+``p2p-copy``
+    the same, with the image spread by BitTorrent (libtorrent) from a
+    seeder on the origin host to a peer on every host;
+``direct``
+    thunder agents, every template reading straight from the origin (all
+    hosts are children of the origin): lazy, cached per host, no relay;
+``thunder``
+    thunder agents with the relay tree (k-ary, one child under the origin)
+    and copy-on-read caches;
+``thunder-prefetch``
+    the same, with a trace prefetch started on each template as soon as it
+    exists, running ahead of the VMs.
+
+The VMs are trace replayers or real QEMU guests (:mod:`.vm`). Bytes per
+link come from the cluster's link counters; the origin's are what its link
+sent.
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+
+from thunder_agent.bench import http
+from thunder_agent.bench import metrics
+from thunder_agent.bench import torrent
+from thunder_agent.bench import vm as vm_mod
+from thunder_agent import exception
+from thunder_agent import prefetch
+from thunder_agent.testing import cluster as cluster_mod
+
+MIB = 1 << 20
+# Fan-out that puts every host directly under the origin.
+DIRECT_FAN_OUT = 1024
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    image: str
+    trace: object
+    hosts: list
+    vms_per_host: int = 1
+    bandwidth_mbit: float = 100.0
+    modes: tuple = metrics.MODES
+    vm: str = 'replay'
+    fan_out: int = 2
+    chunk_bytes: int = 65536
+    prefetch_concurrency: int = 4
+    vm_timeout: float = 900.0
+    workdir: str = '/tmp'
+    progress: object = None
+
+    def validate(self):
+        if not isinstance(self.image, str) or not os.path.isfile(self.image):
+            raise exception.InvalidInput(reason='no image file %r'
+                                                % (self.image,))
+        if not self.hosts or any(isinstance(h, bool) or not isinstance(
+                h, int) or not 1 <= h <= 250 for h in self.hosts):
+            raise exception.InvalidInput(
+                reason='hosts must be integers in 1..250, got %r'
+                       % (self.hosts,))
+        if not 1 <= self.vms_per_host <= 64:
+            raise exception.InvalidInput(reason='vms per host: 1..64')
+        if not 0.1 <= self.bandwidth_mbit <= 32000:
+            raise exception.InvalidInput(
+                reason='bandwidth must be 0.1..32000 Mbit/s')
+        unknown = set(self.modes) - set(metrics.MODES)
+        if unknown or not self.modes:
+            raise exception.InvalidInput(
+                reason='modes must be among %s, got %s'
+                       % (', '.join(metrics.MODES), sorted(unknown)))
+        if self.vm not in ('replay', 'real'):
+            raise exception.InvalidInput(reason='vm must be replay or real')
+        if self.fan_out < 1:
+            raise exception.InvalidInput(reason='fan_out must be >= 1')
+
+    @property
+    def bandwidth_bps(self):
+        return self.bandwidth_mbit * 1e6
+
+
+class Progress:
+    """The live progress line of one storm."""
+
+    def __init__(self, label, total_vms, counters, out=None, interval=0.5):
+        self.label = label
+        self.total = total_vms
+        self.counters = counters
+        self.out = out or sys.stderr
+        self.tty = hasattr(self.out, 'isatty') and self.out.isatty()
+        self.interval = interval if self.tty else 5.0
+        self.done = 0
+        self.failed = 0
+        self.phase = {}
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.base = None
+
+    def __enter__(self):
+        self.base = self._origin_sent()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._print(final=True)
+
+    def set_phase(self, host, phase):
+        with self._lock:
+            self.phase[host] = phase
+
+    def vm_done(self, ok):
+        with self._lock:
+            self.done += 1
+            self.failed += 0 if ok else 1
+
+    def _origin_sent(self):
+        try:
+            return self.counters()['origin'].tx_bytes
+        except Exception:
+            return None
+
+    def line(self):
+        sent = self._origin_sent()
+        origin = ('%.1f' % ((sent - self.base) / MIB)
+                  if sent is not None and self.base is not None else '?')
+        with self._lock:
+            phases = {}
+            for phase in self.phase.values():
+                phases[phase] = phases.get(phase, 0) + 1
+            detail = ' '.join('%s:%d' % kv for kv in sorted(phases.items()))
+            return ('[%s] %6.1fs  VMs booted %d/%d%s  origin sent %s MiB  '
+                    '%s' % (self.label, time.monotonic() - self.start,
+                            self.done, self.total,
+                            ' (%d failed)' % self.failed
+                            if self.failed else '', origin, detail))
+
+    def _print(self, final=False):
+        text = self.line()
+        if self.tty:
+            self.out.write('\r\033[K' + text + ('\n' if final else ''))
+        else:
+            self.out.write(text + '\n')
+        self.out.flush()
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self._print()
+
+
+class Storm:
+    """Bookkeeping of one (mode, H) run."""
+
+    def __init__(self, config, mode, hosts, expected):
+        self.config = config
+        self.mode = mode
+        self.hosts = hosts
+        self.expected = expected
+        self.results = []
+        self.errors = []
+        self.host_times = {}
+        self.prefetch = {}
+        self.lock = threading.Lock()
+        self.t0 = None
+        self.progress = None
+
+    def elapsed(self):
+        return time.monotonic() - self.t0
+
+    def run_vm(self, name, connection_info):
+        """Boot one VM; record its latency from the storm's start."""
+        config = self.config
+        if config.vm == 'replay':
+            result = vm_mod.run_replay(name, connection_info, config.trace,
+                                       self.expected)
+        else:
+            result = vm_mod.run_real(name, connection_info, self.expected,
+                                     timeout=config.vm_timeout,
+                                     workdir=config.workdir)
+        done = self.elapsed()
+        with self.lock:
+            self.results.append((done, result))
+            if not result.ok:
+                self.errors.append('%s: %s' % (name, result.error))
+        if self.progress:
+            self.progress.vm_done(result.ok)
+        return result
+
+    def fail(self, where, error, vms=None):
+        """*where* (a host, or one VM with vms=1) cannot boot."""
+        with self.lock:
+            self.errors.append('%s: %s' % (where, error))
+        if self.progress:
+            for _ in range(self.config.vms_per_host if vms is None
+                           else vms):
+                self.progress.vm_done(False)
+
+
+def _threads(targets):
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _join(threads, timeout):
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
+def _vms_on(storm, host_name, make_connection):
+    """Start the host's VMs (threads), each with its own disk."""
+    def one(index):
+        name = '%s-vm%d' % (host_name, index)
+        try:
+            conn = make_connection(name)
+        except Exception as e:
+            storm.fail(name, 'disk: %s' % e, vms=1)
+            return
+        storm.run_vm(name, conn)
+    return _threads([lambda i=i: one(i)
+                     for i in range(storm.config.vms_per_host)])
+
+
+# -- modes --
+
+def _run_copy(storm, cluster, workdir):
+    """full-copy and p2p-copy: whole image to every host, then boot."""
+    config = storm.config
+    server = swarm = None
+    copies = os.path.join(workdir, 'copies')
+    if storm.mode == 'full-copy':
+        server = http.HttpOrigin(cluster.origin, config.image,
+                                 workdir).start()
+    else:
+        swarm = torrent.Swarm(cluster, config.image, workdir).seed()
+    try:
+        peers = {}
+        if swarm is not None:
+            # Every peer listens before the storm starts, as the seeder.
+            for host in cluster.hosts:
+                peers[host.name] = swarm.fetch(
+                    host, os.path.join(copies, host.name))
+        storm.t0 = time.monotonic()
+        before = cluster.counters()
+
+        def host_job(host):
+            directory = os.path.join(copies, host.name)
+            storm.progress.set_phase(host.name, 'copying')
+            try:
+                if server is not None:
+                    local = os.path.join(directory,
+                                         os.path.basename(config.image))
+                    http.download(host, server.url, local,
+                                  timeout=config.vm_timeout)
+                else:
+                    swarm.wait_complete(host)
+                    local = swarm.path_on(directory)
+            except Exception as e:
+                storm.fail(host.name, 'copy: %s' % e)
+                return
+            storm.host_times[host.name] = storm.elapsed()
+            storm.progress.set_phase(host.name, 'booting')
+            threads = _vms_on(storm, host.name, lambda name: (
+                vm_mod.local_overlay(local, os.path.join(workdir, 'vms'),
+                                     name)))
+            _join(threads, config.vm_timeout)
+            storm.progress.set_phase(host.name, 'done')
+
+        threads = _threads([lambda h=h: host_job(h) for h in cluster.hosts])
+        if not _join(threads, config.vm_timeout * 2):
+            storm.errors.append('storm timed out')
+        storm_s = storm.elapsed()
+        after = cluster.counters()
+    finally:
+        if server is not None:
+            server.stop()
+        if swarm is not None:
+            swarm.stop()
+        shutil.rmtree(copies, ignore_errors=True)
+    return storm_s, metrics.link_bytes(before, after), {}
+
+
+def _run_thunder(storm, tc):
+    config = storm.config
+    with_prefetch = storm.mode == 'thunder-prefetch'
+    storm.t0 = time.monotonic()
+    before = tc.cluster.counters()
+
+    def host_job(name):
+        agent = tc.agents[name]
+        storm.progress.set_phase(name, 'template')
+        try:
+            status = agent.client.prepare_template(
+                tc.image_id, tc.origin_connection(), tc.size, 'raw')
+        except Exception as e:
+            storm.fail(name, 'prepare_template: %s' % e)
+            return
+        storm.host_times[name] = storm.elapsed()
+        engine = None
+        if with_prefetch:
+            engine = prefetch.TracePrefetcher(
+                prefetch.NbdAddress.from_export(status['export']),
+                config.trace, granularity=config.chunk_bytes,
+                concurrency=config.prefetch_concurrency).start()
+        storm.progress.set_phase(name, 'booting')
+        threads = _vms_on(storm, name, lambda vm_name: (
+            agent.client.create_snapshot(tc.image_id, str(uuid.uuid4()))))
+        _join(threads, config.vm_timeout)
+        if engine is not None:
+            status = engine.wait(config.vm_timeout)
+            storm.prefetch[name] = {k: status[k] for k in (
+                'state', 'bytes_done', 'bytes_total', 'elapsed_s',
+                'method', 'error')}
+        storm.progress.set_phase(name, 'done')
+
+    threads = _threads([lambda n=n: host_job(n) for n in sorted(tc.agents)])
+    if not _join(threads, config.vm_timeout * 2):
+        storm.errors.append('storm timed out')
+    storm_s = storm.elapsed()
+    after = tc.cluster.counters()
+    extra = {}
+    try:
+        tree = tc.tree()
+        extra['tree_height'] = tree.get('height')
+    except Exception as e:
+        extra['tree_height'] = None
+        storm.errors.append('tree: %s' % e)
+    try:
+        extra['origin_payload_bytes'] = tc.origin.bytes_read()
+    except Exception:
+        pass
+    if storm.prefetch:
+        extra['prefetch'] = storm.prefetch
+    return storm_s, metrics.link_bytes(before, after), extra
+
+
+# -- the benchmark --
+
+class Bench:
+    """Runs the configured storms; :meth:`run` returns the records."""
+
+    def __init__(self, config):
+        config.validate()
+        self.config = config
+        self.say = config.progress or (lambda message: None)
+        self.records = []
+        self.rabbit = None
+        self.warm_boot_s = None
+        self.expected = None
+
+    def prepare(self):
+        config = self.config
+        from thunder_agent import trace as trace_mod
+        size, sha = trace_mod.image_digest(config.image, 'raw')
+        trace_mod.check_image(config.trace, size, sha)
+        self.image_bytes = size
+        if config.vm == 'replay':
+            self.expected = vm_mod.expected_digest(config.image,
+                                                   config.trace)
+        else:
+            from thunder_agent.testing import guest
+            self.expected = guest.expected_data_sha(config.image)
+        self.working_set = config.trace.unique_bytes()
+        self.say('measuring one VM alone on a warm local disk')
+        self.warm_boot_s = self._warm_boot()
+        self.say('warm boot: %.2f s' % self.warm_boot_s)
+
+    def _warm_boot(self):
+        config = self.config
+        directory = os.path.join(config.workdir, 'warm')
+        conn = vm_mod.local_overlay(config.image, directory, 'warm')
+        try:
+            if config.vm == 'replay':
+                result = vm_mod.run_replay('warm', conn, config.trace,
+                                           self.expected)
+            else:
+                result = vm_mod.run_real('warm', conn, self.expected,
+                                         timeout=config.vm_timeout,
+                                         workdir=directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        if not result.ok:
+            raise exception.BenchmarkFailed(
+                reason='a VM does not boot from a local copy: %s'
+                       % result.error)
+        return result.boot_s
+
+    def run(self):
+        self.prepare()
+        needs_agents = set(self.config.modes) & {
+            'direct', 'thunder', 'thunder-prefetch'}
+        try:
+            if needs_agents:
+                from thunder_agent.testing import rabbitmq
+                self.say('starting a private RabbitMQ on loopback')
+                self.rabbit = rabbitmq.RabbitMQ().start()
+            for hosts in self.config.hosts:
+                for mode in self.config.modes:
+                    self.records.append(self.run_one(mode, hosts))
+        finally:
+            if self.rabbit is not None:
+                self.rabbit.stop()
+                self.rabbit = None
+        return self.records
+
+    def run_one(self, mode, hosts):
+        config = self.config
+        workdir = os.path.join(config.workdir,
+                               '%s-%d-%s' % (mode, hosts,
+                                             uuid.uuid4().hex[:6]))
+        os.makedirs(workdir)
+        storm = Storm(config, mode, hosts, self.expected)
+        label = '%s H=%d' % (mode, hosts)
+        self.say('%s: starting the cluster' % label)
+        total = hosts * config.vms_per_host
+        try:
+            if mode in ('full-copy', 'p2p-copy'):
+                with cluster_mod.Cluster(
+                        hosts=hosts,
+                        bandwidth_bps=int(config.bandwidth_bps)) as cluster:
+                    with Progress(label, total, cluster.counters) as p:
+                        storm.progress = p
+                        storm_s, links, extra = _run_copy(storm, cluster,
+                                                          workdir)
+            else:
+                from thunder_agent.testing import thunder_cluster
+                fan_out = config.fan_out
+                options = {}
+                if mode == 'direct':
+                    fan_out = DIRECT_FAN_OUT
+                    options = {'coordinator': {
+                        'origin_fan_out': DIRECT_FAN_OUT}}
+                with thunder_cluster.ThunderCluster(
+                        hosts=hosts, image=config.image,
+                        bandwidth_mbit=config.bandwidth_mbit,
+                        fan_out=fan_out, coordinator_options=options,
+                        agent_options={'cache': {
+                            'cluster_size': config.chunk_bytes}},
+                        rabbit=self.rabbit) as tc:
+                    with Progress(label, total, tc.cluster.counters) as p:
+                        storm.progress = p
+                        storm_s, links, extra = _run_thunder(storm, tc)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return self._record(storm, storm_s, links, extra)
+
+    def _record(self, storm, storm_s, links, extra):
+        config = self.config
+        latencies = sorted(done for done, _ in storm.results)
+        failed = sum(1 for _, r in storm.results if not r.ok)
+        missing = storm.hosts * config.vms_per_host - len(storm.results)
+        depth = metrics.kary_depth(storm.hosts, config.fan_out)
+        record = {
+            'mode': storm.mode,
+            'hosts': storm.hosts,
+            'vms_per_host': config.vms_per_host,
+            'vms': storm.hosts * config.vms_per_host,
+            'vm': config.vm,
+            'bandwidth_mbit': config.bandwidth_mbit,
+            'fan_out': (config.fan_out if storm.mode != 'direct'
+                        else DIRECT_FAN_OUT),
+            'storm_s': round(storm_s, 3),
+            'p50_s': _round(metrics.percentile(latencies, 50)),
+            'p99_s': _round(metrics.percentile(latencies, 99)),
+            'vm_latencies_s': [round(x, 3) for x in latencies],
+            'boot_s': [round(r.boot_s, 3) for _, r in storm.results],
+            'host_ready_s': {h: round(t, 3)
+                             for h, t in sorted(storm.host_times.items())},
+            'origin_bytes': links['origin'][0],
+            'max_link_bytes': metrics.max_link_bytes(links),
+            'link_bytes': links,
+            'image_bytes': self.image_bytes,
+            'working_set_bytes': self.working_set,
+            'working_set_cluster_bytes': config.trace.unique_bytes(
+                config.chunk_bytes),
+            'chunk_bytes': config.chunk_bytes,
+            'depth': depth,
+            'warm_boot_s': round(self.warm_boot_s, 3),
+            'bound_s': round(metrics.bound_s(
+                self.warm_boot_s, self.working_set, config.bandwidth_bps,
+                depth, config.chunk_bytes), 3),
+            'origin_bound_bytes': self.working_set,
+            'checksums_ok': failed == 0 and missing == 0,
+            'vms_failed': failed + missing,
+            'errors': storm.errors[:20],
+        }
+        record.update(extra)
+        return record
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
