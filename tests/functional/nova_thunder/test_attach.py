@@ -18,6 +18,7 @@ from nova.virt import block_device as nova_bd
 
 from nova_thunder import block_device
 from nova_thunder import exception
+from nova_thunder import marking
 from tests.functional.nova_thunder.conftest import overlay_exists
 from tests.functional.nova_thunder.conftest import snapshots
 from tests.functional.nova_thunder.conftest import templates
@@ -207,9 +208,16 @@ class TestImageOrigin:
 
 @pytest.mark.usefixtures('wired')
 class TestVolumeOrigin:
+    @pytest.fixture(autouse=True)
+    def _monkeypatch(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
     def _cinder(self, iscsi_volume, **changes):
         volume = payloads.volume(id=iscsi_volume['id'], size=1, **changes)
-        return RecordingCinder(volume, iscsi_volume['target'])
+        cinder = RecordingCinder(volume, iscsi_volume['target'])
+        # Nova's conversion looks the volume's type up in Cinder too.
+        self.monkeypatch.setattr(marking, '_cinder', lambda: cinder)
+        return cinder
 
     def test_attach_read_detach_over_iscsi(self, thunder, iscsi_volume,
                                            image, instance, context, saved):
