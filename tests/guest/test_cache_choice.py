@@ -9,6 +9,7 @@ candidate that reads the image from the origin once.
 import pytest
 
 from thunder_agent import conf as agent_conf
+from tests.guest.conftest import MIB
 from tests.guest.conftest import read_device
 from tests.guest.conftest import record
 
@@ -43,7 +44,7 @@ def _origin_bytes(agents, image, settings):
 
 def test_default_cache_reads_the_image_from_the_origin_once(agents,
                                                             make_image):
-    image = make_image()
+    image = make_image(16 * MIB)
     measured = {name: _origin_bytes(agents, image, settings)
                 for name, settings in CANDIDATES.items()}
     record('cache_choice_origin_bytes', dict(
@@ -51,5 +52,5 @@ def test_default_cache_reads_the_image_from_the_origin_once(agents,
     default = [opt.default for opt in agent_conf.kernel_opts
                if opt.name == 'cache_type'][0]
     assert default == 'bcache'
-    assert measured['bcache'] <= image.size * 1.05 + 1024 * 1024
+    assert measured['bcache'] <= image.size * 1.05 + 8 * MIB
     assert measured['bcache'] == min(measured.values())

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tests.guest.conftest import MIB
 from tests.guest.conftest import read_device
 from tests.guest.conftest import record
 
@@ -14,7 +15,7 @@ pytestmark = [pytest.mark.guest]
 
 def test_reads_block_on_parent_loss_and_resume_after_reparent(
         agents, make_image, guest):
-    image = make_image()
+    image = make_image(16 * MIB)
     a, b = agents('a'), agents('b')
     ta = a.create_template(image, [image.export('10.99.1.1')])
     tb = b.create_template(image, [ta.export])

@@ -27,8 +27,10 @@ sent.
 """
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -39,7 +41,6 @@ from thunder_agent.bench import metrics
 from thunder_agent.bench import torrent
 from thunder_agent.bench import vm as vm_mod
 from thunder_agent import exception
-from thunder_agent import prefetch
 from thunder_agent.testing import cluster as cluster_mod
 
 MIB = 1 << 20
@@ -179,28 +180,20 @@ class Storm:
         self.lock = threading.Lock()
         self.t0 = None
         self.progress = None
+        self.trace_path = None
 
     def elapsed(self):
         return time.monotonic() - self.t0
 
-    def run_vm(self, name, connection_info):
-        """Boot one VM; record its latency from the storm's start."""
-        config = self.config
-        if config.vm == 'replay':
-            result = vm_mod.run_replay(name, connection_info, config.trace,
-                                       self.expected)
-        else:
-            result = vm_mod.run_real(name, connection_info, self.expected,
-                                     timeout=config.vm_timeout,
-                                     workdir=config.workdir)
+    def vm_finished(self, result):
+        """A VM reported back: its latency counts from the storm's start."""
         done = self.elapsed()
         with self.lock:
             self.results.append((done, result))
             if not result.ok:
-                self.errors.append('%s: %s' % (name, result.error))
+                self.errors.append('%s: %s' % (result.name, result.error))
         if self.progress:
             self.progress.vm_done(result.ok)
-        return result
 
     def fail(self, where, error, vms=None):
         """*where* (a host, or one VM with vms=1) cannot boot."""
@@ -226,18 +219,121 @@ def _join(threads, timeout):
     return not any(t.is_alive() for t in threads)
 
 
-def _vms_on(storm, host_name, make_connection):
-    """Start the host's VMs (threads), each with its own disk."""
-    def one(index):
-        name = '%s-vm%d' % (host_name, index)
+class HostVMs:
+    """The benchmark's end of one host's runner process
+    (:mod:`thunder_agent.bench.host_runner`), which runs the host's VMs
+    and prefetch inside the host's network namespace."""
+
+    def __init__(self, storm, host, trace_path, workdir):
+        self.storm = storm
+        self.host = host
+        self.sent = 0
+        self.finished = 0
+        self.cond = threading.Condition()
+        config = storm.config
+        self.log_path = os.path.join(workdir, '%s.runner.log' % host.name)
+        with open(self.log_path, 'ab') as log:
+            self.proc = host.popen(
+                [sys.executable, '-m', 'thunder_agent.bench.host_runner',
+                 '--trace', trace_path, '--expected', storm.expected,
+                 '--vm', config.vm, '--timeout', str(config.vm_timeout),
+                 '--workdir', workdir],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith('{"event": "ready"'):
+            raise exception.BenchmarkFailed(
+                reason='VM runner on %s did not start: %s %s'
+                       % (host.name, line, self._log_tail()))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _log_tail(self):
         try:
-            conn = make_connection(name)
-        except Exception as e:
-            storm.fail(name, 'disk: %s' % e, vms=1)
-            return
-        storm.run_vm(name, conn)
-    return _threads([lambda i=i: one(i)
-                     for i in range(storm.config.vms_per_host)])
+            with open(self.log_path, errors='replace') as f:
+                return f.read()[-1500:]
+        except OSError:
+            return ''
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get('event') == 'vm':
+                del event['event']
+                self.storm.vm_finished(vm_mod.VMResult(**event))
+                with self.cond:
+                    self.finished += 1
+                    self.cond.notify_all()
+            elif event.get('event') == 'prefetch':
+                status = event['status']
+                self.storm.prefetch[self.host.name] = {
+                    k: status.get(k) for k in (
+                        'state', 'bytes_done', 'bytes_total', 'elapsed_s',
+                        'method', 'error')}
+        with self.cond:
+            self.cond.notify_all()
+
+    def _send(self, **command):
+        self.proc.stdin.write(json.dumps(command) + '\n')
+        self.proc.stdin.flush()
+
+    def boot(self, name, connection_info):
+        with self.cond:
+            self.sent += 1
+        self._send(cmd='vm', name=name, connection_info=connection_info)
+
+    def prefetch(self, export):
+        config = self.storm.config
+        self._send(cmd='prefetch', export=export,
+                   granularity=config.chunk_bytes,
+                   concurrency=config.prefetch_concurrency)
+
+    def wait(self, timeout):
+        """Until every VM sent so far reported; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.finished < self.sent:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and \
+                        not self.reader.is_alive():
+                    return False
+                self.cond.wait(min(left, 1.0))
+        return True
+
+    def close(self, timeout=60):
+        """End of input: the runner finishes (prefetch included), exits."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(10)
+        lost = self.sent - self.finished
+        if lost > 0:
+            self.storm.fail(self.host.name, 'runner lost %d VM(s): %s'
+                            % (lost, self._log_tail()), vms=lost)
+            with self.cond:
+                self.finished = self.sent
+
+
+def _start_runners(storm, hosts, workdir):
+    runners = {}
+    try:
+        for host in hosts:
+            runners[host.name] = HostVMs(storm, host, storm.trace_path,
+                                         workdir)
+    except Exception:
+        for runner in runners.values():
+            runner.close(5)
+        raise
+    return runners
 
 
 # -- modes --
@@ -246,19 +342,18 @@ def _run_copy(storm, cluster, workdir):
     """full-copy and p2p-copy: whole image to every host, then boot."""
     config = storm.config
     server = swarm = None
+    runners = {}
     copies = os.path.join(workdir, 'copies')
-    if storm.mode == 'full-copy':
-        server = http.HttpOrigin(cluster.origin, config.image,
-                                 workdir).start()
-    else:
-        swarm = torrent.Swarm(cluster, config.image, workdir).seed()
     try:
-        peers = {}
-        if swarm is not None:
+        if storm.mode == 'full-copy':
+            server = http.HttpOrigin(cluster.origin, config.image,
+                                     workdir).start()
+        else:
+            swarm = torrent.Swarm(cluster, config.image, workdir).seed()
             # Every peer listens before the storm starts, as the seeder.
             for host in cluster.hosts:
-                peers[host.name] = swarm.fetch(
-                    host, os.path.join(copies, host.name))
+                swarm.fetch(host, os.path.join(copies, host.name))
+        runners = _start_runners(storm, cluster.hosts, workdir)
         storm.t0 = time.monotonic()
         before = cluster.counters()
 
@@ -279,10 +374,17 @@ def _run_copy(storm, cluster, workdir):
                 return
             storm.host_times[host.name] = storm.elapsed()
             storm.progress.set_phase(host.name, 'booting')
-            threads = _vms_on(storm, host.name, lambda name: (
-                vm_mod.local_overlay(local, os.path.join(workdir, 'vms'),
-                                     name)))
-            _join(threads, config.vm_timeout)
+            runner = runners[host.name]
+            for index in range(config.vms_per_host):
+                name = '%s-vm%d' % (host.name, index)
+                try:
+                    conn = vm_mod.local_overlay(
+                        local, os.path.join(workdir, 'vms'), name)
+                except Exception as e:
+                    storm.fail(name, 'disk: %s' % e, vms=1)
+                    continue
+                runner.boot(name, conn)
+            runner.wait(config.vm_timeout)
             storm.progress.set_phase(host.name, 'done')
 
         threads = _threads([lambda h=h: host_job(h) for h in cluster.hosts])
@@ -291,6 +393,8 @@ def _run_copy(storm, cluster, workdir):
         storm_s = storm.elapsed()
         after = cluster.counters()
     finally:
+        for runner in runners.values():
+            runner.close()
         if server is not None:
             server.stop()
         if swarm is not None:
@@ -299,44 +403,51 @@ def _run_copy(storm, cluster, workdir):
     return storm_s, metrics.link_bytes(before, after), {}
 
 
-def _run_thunder(storm, tc):
+def _run_thunder(storm, tc, workdir):
     config = storm.config
     with_prefetch = storm.mode == 'thunder-prefetch'
-    storm.t0 = time.monotonic()
-    before = tc.cluster.counters()
+    runners = _start_runners(storm, tc.cluster.hosts, workdir)
+    try:
+        storm.t0 = time.monotonic()
+        before = tc.cluster.counters()
 
-    def host_job(name):
-        agent = tc.agents[name]
-        storm.progress.set_phase(name, 'template')
-        try:
-            status = agent.client.prepare_template(
-                tc.image_id, tc.origin_connection(), tc.size, 'raw')
-        except Exception as e:
-            storm.fail(name, 'prepare_template: %s' % e)
-            return
-        storm.host_times[name] = storm.elapsed()
-        engine = None
-        if with_prefetch:
-            engine = prefetch.TracePrefetcher(
-                prefetch.NbdAddress.from_export(status['export']),
-                config.trace, granularity=config.chunk_bytes,
-                concurrency=config.prefetch_concurrency).start()
-        storm.progress.set_phase(name, 'booting')
-        threads = _vms_on(storm, name, lambda vm_name: (
-            agent.client.create_snapshot(tc.image_id, str(uuid.uuid4()))))
-        _join(threads, config.vm_timeout)
-        if engine is not None:
-            status = engine.wait(config.vm_timeout)
-            storm.prefetch[name] = {k: status[k] for k in (
-                'state', 'bytes_done', 'bytes_total', 'elapsed_s',
-                'method', 'error')}
-        storm.progress.set_phase(name, 'done')
+        def host_job(name):
+            agent = tc.agents[name]
+            runner = runners[name]
+            storm.progress.set_phase(name, 'template')
+            try:
+                status = agent.client.prepare_template(
+                    tc.image_id, tc.origin_connection(), tc.size, 'raw')
+            except Exception as e:
+                storm.fail(name, 'prepare_template: %s' % e)
+                return
+            storm.host_times[name] = storm.elapsed()
+            if with_prefetch:
+                # Ahead of the VMs: the template exists, the VM's disk
+                # (snapshot) is still being made.
+                runner.prefetch(status['export'])
+            storm.progress.set_phase(name, 'booting')
+            for index in range(config.vms_per_host):
+                vm_name = '%s-vm%d' % (name, index)
+                try:
+                    conn = agent.client.create_snapshot(tc.image_id,
+                                                        str(uuid.uuid4()))
+                except Exception as e:
+                    storm.fail(vm_name, 'create_snapshot: %s' % e, vms=1)
+                    continue
+                runner.boot(vm_name, conn)
+            runner.wait(config.vm_timeout)
+            storm.progress.set_phase(name, 'done')
 
-    threads = _threads([lambda n=n: host_job(n) for n in sorted(tc.agents)])
-    if not _join(threads, config.vm_timeout * 2):
-        storm.errors.append('storm timed out')
-    storm_s = storm.elapsed()
-    after = tc.cluster.counters()
+        threads = _threads([lambda n=n: host_job(n)
+                            for n in sorted(tc.agents)])
+        if not _join(threads, config.vm_timeout * 2):
+            storm.errors.append('storm timed out')
+        storm_s = storm.elapsed()
+        after = tc.cluster.counters()
+    finally:
+        for runner in runners.values():
+            runner.close()
     extra = {}
     try:
         tree = tc.tree()
@@ -349,7 +460,7 @@ def _run_thunder(storm, tc):
     except Exception:
         pass
     if storm.prefetch:
-        extra['prefetch'] = storm.prefetch
+        extra['prefetch'] = dict(sorted(storm.prefetch.items()))
     return storm_s, metrics.link_bytes(before, after), extra
 
 
@@ -380,6 +491,9 @@ class Bench:
             from thunder_agent.testing import guest
             self.expected = guest.expected_data_sha(config.image)
         self.working_set = config.trace.unique_bytes()
+        # The hosts' VM runners read the trace from a file.
+        self.trace_path = config.trace.save(
+            os.path.join(config.workdir, 'boot.trace'))
         self.say('measuring one VM alone on a warm local disk')
         self.warm_boot_s = self._warm_boot()
         self.say('warm boot: %.2f s' % self.warm_boot_s)
@@ -429,6 +543,7 @@ class Bench:
                                              uuid.uuid4().hex[:6]))
         os.makedirs(workdir)
         storm = Storm(config, mode, hosts, self.expected)
+        storm.trace_path = self.trace_path
         label = '%s H=%d' % (mode, hosts)
         self.say('%s: starting the cluster' % label)
         total = hosts * config.vms_per_host
@@ -458,7 +573,8 @@ class Bench:
                         rabbit=self.rabbit) as tc:
                     with Progress(label, total, tc.cluster.counters) as p:
                         storm.progress = p
-                        storm_s, links, extra = _run_thunder(storm, tc)
+                        storm_s, links, extra = _run_thunder(storm, tc,
+                                                             workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return self._record(storm, storm_s, links, extra)
@@ -483,6 +599,11 @@ class Bench:
             'p99_s': _round(metrics.percentile(latencies, 99)),
             'vm_latencies_s': [round(x, 3) for x in latencies],
             'boot_s': [round(r.boot_s, 3) for _, r in storm.results],
+            'vm_detail': [{'name': r.name, 'host': r.name.split('-vm')[0],
+                           'latency_s': round(done, 3),
+                           'boot_s': round(r.boot_s, 3), 'ok': r.ok}
+                          for done, r in sorted(storm.results,
+                                                key=lambda x: x[0])],
             'host_ready_s': {h: round(t, 3)
                              for h, t in sorted(storm.host_times.items())},
             'origin_bytes': links['origin'][0],

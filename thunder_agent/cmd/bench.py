@@ -12,7 +12,6 @@ cluster uses network namespaces).
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -111,14 +110,14 @@ def _workload(args):
             raise exception.InvalidInput(
                 reason='the benchmark serves raw images; convert with '
                        'qemu-img convert -O raw')
-        return args.image, trace_mod.load(args.trace)
+        return args.image, trace_mod.load(args.trace), args.trace
     if args.trace:
         raise exception.InvalidInput(reason='--trace needs --image')
     _say('building (or reusing) the test image with %d MiB filler and a '
          'trace of its boot' % args.filler_mib)
     trace, image = workload.test_image_trace(filler_mib=args.filler_mib,
                                              progress=_say)
-    return image, trace
+    return image, trace, workload.trace_path(image)
 
 
 def main(argv=None):
@@ -134,7 +133,7 @@ def main(argv=None):
                                                dir='/tmp')
     os.makedirs(workdir, exist_ok=True)
     try:
-        image, trace = _workload(args)
+        image, trace, trace_path = _workload(args)
         config = runner.BenchConfig(
             image=image, trace=trace, hosts=args.hosts,
             vms_per_host=args.vms, bandwidth_mbit=args.bandwidth_mbit,
@@ -155,7 +154,8 @@ def main(argv=None):
     for problem in problems:
         print('inconsistent: %s' % problem)
     meta = {'argv': sys.argv[1:] if argv is None else argv,
-            'image': image, 'trace_summary': trace.summary(args.chunk),
+            'image': image, 'trace': os.path.abspath(trace_path),
+            'trace_summary': trace.summary(args.chunk),
             'problems': problems}
     if args.json:
         report.write_json(records, args.json, meta)

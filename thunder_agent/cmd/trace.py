@@ -32,8 +32,8 @@ def _record(args):
         trace, path = workload.test_image_trace(
             filler_mib=args.filler_mib, output=args.output,
             force=True, progress=_say)
-        _say('trace of the test image %s written to %s' % (path,
-                                                            args.output))
+        _say('trace of the test image %s written to %s'
+             % (path, args.output or workload.trace_path(path)))
     else:
         if not args.image:
             raise exception.InvalidInput(

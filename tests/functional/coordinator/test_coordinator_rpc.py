@@ -47,7 +47,8 @@ def coordinator(rabbit, tmp_path_factory):
     process = coordinator_mod.CoordinatorProcess(
         rabbit.transport_url, str(tmp_path_factory.mktemp('coordinator')),
         topic='coordinator-%s' % uuid.uuid4().hex[:8],
-        options={'coordinator': {'fan_out': 2, 'heartbeat_interval': 1,
+        options={'coordinator': {'fan_out': 2, 'origin_fan_out': 2,
+                                 'heartbeat_interval': 1,
                                  'node_timeout': 3}})
     yield process.start()
     process.stop()

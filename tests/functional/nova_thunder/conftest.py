@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -13,6 +15,39 @@ from nova import objects  # noqa: E402
 from nova_thunder import agent as agent_client  # noqa: E402
 from nova_thunder import marking  # noqa: E402
 from tests.functional.nova_thunder import iscsi  # noqa: E402
+from thunder_agent.testing import agent as agent_mod  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def shared_agent(rabbit, qemu_tools_module):
+    """One real agent per test module (starting one takes seconds)."""
+    workdir = tempfile.mkdtemp(prefix='nt-', dir='/tmp')
+    # Each test's image lives in its own temporary directory under /tmp.
+    agent = agent_mod.AgentProcess(
+        rabbit.transport_url, os.path.join(workdir, 'agent'),
+        host='nova-thunder-%s' % uuid.uuid4().hex[:8],
+        file_origin_dirs=['/tmp'])
+    agent.start()
+    yield agent
+    agent.teardown()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def qemu_tools_module():
+    if not all(shutil.which(t) for t in ('qemu-storage-daemon', 'qemu-img',
+                                         'qemu-nbd')):
+        pytest.skip('qemu-utils not installed: run tools/bootstrap.sh')
+
+
+@pytest.fixture
+def agent(shared_agent):
+    """The module's agent, emptied after each test."""
+    yield shared_agent
+    client = shared_agent.client
+    for snap in client.get_status()['snapshots']:
+        client.delete_snapshot(snap['instance_id'])
+    client.collect_garbage(max_idle=0)
 
 
 @pytest.fixture

@@ -56,8 +56,15 @@ class IscsiTarget:
              '-C', str(self.control)],
             stdout=self.log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
-        if not netutil.wait_for_port('127.0.0.1', self.port, 20, self.proc):
+        try:
+            self._configure()
+        except Exception:
             self.stop()
+            raise
+        return self
+
+    def _configure(self):
+        if not netutil.wait_for_port('127.0.0.1', self.port, 20, self.proc):
             raise TargetUnavailable('tgtd did not listen on %s'
                                     % self.portal)
         deadline = time.monotonic() + 10
@@ -68,7 +75,6 @@ class IscsiTarget:
                 break
             except TargetUnavailable:
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise
                 time.sleep(0.2)
         self._adm('--op', 'new', '--mode', 'logicalunit', '--tid', '1',
@@ -79,7 +85,6 @@ class IscsiTarget:
                   '--user', self.user)
         self._adm('--op', 'bind', '--mode', 'target', '--tid', '1',
                   '-I', 'ALL')
-        return self
 
     def connection_info(self, volume_id, attachment_id):
         """What Cinder's LVM driver answers for an attachment (tgt helper)."""
@@ -96,18 +101,12 @@ class IscsiTarget:
 
     def stop(self):
         if self.proc is not None:
-            # tgtd ignores SIGTERM; it stops on request, or is killed.
-            subprocess.run(['tgtadm', '-C', str(self.control), '--op',
-                            'delete', '--mode', 'system'],
-                           capture_output=True, timeout=30)
+            # tgtd ignores SIGTERM and keeps no state worth a clean stop.
             try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(5)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
             self.proc = None
             self.log.close()
             for suffix in ('', '.lock'):

@@ -1,0 +1,187 @@
+"""The simulator's physics on small, checkable cases."""
+
+import pytest
+
+from thunder_agent import exception
+from thunder_agent.sim import compare
+from thunder_agent.sim import engine
+from thunder_agent.sim import model
+from thunder_agent import trace as trace_mod
+
+KIB = 1024
+MIB = 1 << 20
+SHA = '1' * 64
+W = 100e6                  # bits per second
+
+
+def boot_trace(image=64 * MIB, reads=120):
+    """Sequential-ish boot: 32 KiB reads over 12 MiB, 10 ms think."""
+    out = []
+    for i in range(reads):
+        offset = (i * 97 * 32 * KIB) % (12 * MIB)
+        out.append(trace_mod.Read(0.01 * (i + 1), offset, 32 * KIB,
+                                  0.0001))
+    return trace_mod.Trace(image, SHA, out)
+
+
+@pytest.fixture(scope='module')
+def workload():
+    return model.Workload(boot_trace())
+
+
+def run(workload, mode, hosts, **kwargs):
+    kwargs.setdefault('request_latency_s', 0.0005)
+    config = model.SimConfig(mode=mode, hosts=hosts, bandwidth_bps=W,
+                             **kwargs)
+    return engine.simulate(config, workload)
+
+
+def test_workload_units_partition_the_working_set(workload):
+    trace = workload.trace
+    assert workload.unit_bytes == trace.unique_bytes(64 * KIB)
+    offsets = sorted(workload.units)
+    for (a, la), (b, _) in zip(offsets, offsets[1:]):
+        assert a + la <= b
+    for read, units in zip(trace.reads, workload.read_units):
+        covered = trace_mod.merge_extents(workload.units[u] for u in units)
+        start = read.offset // (64 * KIB) * (64 * KIB)
+        assert any(s <= start and read.end <= s + n for s, n in covered)
+
+
+def test_full_copy_shares_the_origin_link(workload):
+    image = workload.image_bytes
+    warm = engine.warm_boot_s(workload, model.SimConfig(
+        mode='full-copy', hosts=1, bandwidth_bps=W))
+    for hosts in (1, 4):
+        result = run(workload, 'full-copy', hosts)
+        copy_s = hosts * image * 8 / (W * 0.955)
+        assert result.storm_s == pytest.approx(copy_s + warm, rel=1e-6)
+        assert result.origin_bytes == pytest.approx(hosts * image / 0.955,
+                                                    rel=1e-6)
+
+
+def test_origin_bytes_direct_grow_thunder_do_not(workload):
+    wire = workload.unit_bytes / 0.955
+    for hosts in (1, 3, 9):
+        direct = run(workload, 'direct', hosts)
+        thunder = run(workload, 'thunder', hosts, fan_out=2)
+        assert direct.origin_bytes == pytest.approx(hosts * wire, rel=1e-6)
+        assert thunder.origin_bytes == pytest.approx(wire, rel=1e-6)
+        # Each relay sends at most fan_out copies.
+        assert thunder.max_link_bytes <= 2 * wire * 1.000001
+
+
+def test_warm_boot_is_think_time_plus_local_reads(workload):
+    config = model.SimConfig(mode='thunder', hosts=1, bandwidth_bps=W,
+                             local_latency_s=0.001,
+                             request_latency_s=0.002)
+    think = workload.trace.think_s()
+    reads = len(workload.trace.reads)
+    local = reads * (0.001 + 32 * KIB * 8 / config.local_bps)
+    # warm_boot_s reads a local copy: local latency, no NBD hop.
+    assert engine.warm_boot_s(workload, config) == pytest.approx(
+        think + local, rel=1e-6)
+
+
+def test_lumped_and_per_host_runs_agree(workload):
+    for mode in ('direct', 'thunder', 'thunder-prefetch', 'full-copy'):
+        lumped = run(workload, mode, 23, fan_out=3)
+        single = run(workload, mode, 23, fan_out=3, lump=False)
+        assert lumped.classes < single.classes == 23
+        for key in ('storm_s', 'p50_s', 'p99_s'):
+            assert getattr(lumped, key) == pytest.approx(
+                getattr(single, key), rel=1e-9), (mode, key)
+        assert lumped.origin_bytes == single.origin_bytes
+        assert lumped.max_link_bytes == single.max_link_bytes
+
+
+def test_prefetch_and_relay_help(workload):
+    kwargs = dict(request_latency_s=0.01, setup_s=0.2, vm_start_s=0.3)
+    direct = run(workload, 'direct', 8, **kwargs)
+    thunder = run(workload, 'thunder', 8, **kwargs)
+    prefetched = run(workload, 'thunder-prefetch', 8, **kwargs)
+    assert prefetched.storm_s < thunder.storm_s
+    assert prefetched.origin_bytes == thunder.origin_bytes
+    assert thunder.origin_bytes < direct.origin_bytes
+    assert thunder.bound_s <= prefetched.storm_s
+    assert thunder.depth == 4      # 1 + 2 + 4 + 1 with fan-out 2
+
+
+def test_many_hosts_are_cheap(workload):
+    result = run(workload, 'thunder', 3000, fan_out=4)
+    assert result.vms == 3000
+    assert result.classes < 100
+    assert result.wall_s < 30
+
+
+def test_p2p_fluid_model(workload):
+    image = workload.image_bytes
+    result = run(workload, 'p2p-copy', 8)
+    # Eight peers and the seeder upload: the copy takes about 8/9 B/W,
+    # bounded below by one B/W.
+    assert result.storm_s >= image * 8 / (W * 0.955)
+
+
+def test_scaled_trace_reaches_the_fraction():
+    trace = boot_trace()
+    scaled = model.scaled_trace(trace, 10 << 30, 0.05)
+    assert scaled.image_size == 10 << 30
+    fraction = scaled.unique_bytes() / scaled.image_size
+    assert 0.04 <= fraction <= 0.055
+    assert len(scaled.reads) == len(trace.reads)
+    assert [r.t for r in scaled.reads] == [r.t for r in trace.reads]
+    with pytest.raises(exception.InvalidInput):
+        model.scaled_trace(trace, 10 << 30, 1.5)
+
+
+@pytest.mark.parametrize('kwargs', [
+    {'mode': 'teleport'}, {'hosts': 0}, {'fan_out': 0},
+    {'bandwidth_bps': 0}, {'efficiency': 1.5}, {'request_latency_s': -1},
+    {'hosts': True},
+])
+def test_bad_config_is_refused(kwargs, workload):
+    args = dict(mode='thunder', hosts=2, bandwidth_bps=W)
+    args.update(kwargs)
+    with pytest.raises(exception.InvalidInput):
+        engine.simulate(model.SimConfig(**args), workload)
+
+
+def test_compare_recovers_a_known_request_delay(workload):
+    """Records made by the simulator itself with a 7 ms delay per hop
+    and the costs the benchmark measures: the fit finds 7 ms back and the
+    predictions match."""
+    trace = workload.trace
+    records = []
+    for mode in ('full-copy', 'direct', 'thunder', 'thunder-prefetch'):
+        for hosts in (1, 2, 4):
+            setup = 0.0 if mode == 'full-copy' else 0.4
+            config = model.SimConfig(
+                mode=mode, hosts=hosts, bandwidth_bps=W,
+                request_latency_s=0.007, setup_s=setup, vm_start_s=0.2,
+                local_latency_s=0.0002)
+            result = engine.simulate(config, workload)
+            boot = result.storm_s - setup - 0.2
+            ready = {'h%d' % i: setup for i in range(1, hosts + 1)}
+            if mode == 'full-copy':
+                # Download done; the VM starts 0.2 s later.
+                boot = engine.warm_boot_s(workload, config)
+                ready = {h: result.storm_s - boot - 0.2 for h in ready}
+            records.append({
+                'mode': mode, 'hosts': hosts, 'vms': hosts,
+                'vms_per_host': 1, 'bandwidth_mbit': W / 1e6,
+                'fan_out': 2, 'chunk_bytes': 65536,
+                'storm_s': result.storm_s, 'p50_s': result.p50_s,
+                'p99_s': result.p99_s, 'origin_bytes': result.origin_bytes,
+                'max_link_bytes': result.max_link_bytes,
+                'warm_boot_s': trace.think_s() + len(trace.reads) * (
+                    0.0002 + 32 * KIB * 8 / config.local_bps),
+                'host_ready_s': ready,
+                'vm_detail': [{'name': '%s-vm0' % h, 'host': h,
+                               'latency_s': result.storm_s,
+                               'boot_s': boot} for h in ready]})
+    rows, latency, fitted = compare.compare(records, trace)
+    assert fitted['mode'] == 'thunder' and fitted['hosts'] == 1
+    assert latency == pytest.approx(0.007, rel=0.01)
+    worst = compare.summary(rows)
+    for key, value in worst.items():
+        assert value['max_error'] < 0.01, (key, value)
