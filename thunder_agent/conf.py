@@ -79,6 +79,22 @@ qemu_opts = [
 ]
 
 
+prefetch_group = cfg.OptGroup('prefetch', title='Prefetching templates')
+prefetch_opts = [
+    cfg.StrOpt('trace_dir', sample_default='<[agent] state_path>/traces',
+               help='Directory of boot traces, one file "<image id>.trace" '
+                    'per image (see thunder-trace). When a template is '
+                    'created for an image with a trace, the agent fetches '
+                    'the trace\'s blocks ahead of the VMs, in trace order.'),
+    cfg.IntOpt('concurrency', default=4, min=1, max=64,
+               help='Prefetch requests in flight per template.'),
+    cfg.IntOpt('full_rate_mb', default=0, min=0,
+               help='After creating a template (and its trace prefetch), '
+                    'stream the rest of the image into the cache at this '
+                    'many MiB/s in the background. 0: only on request '
+                    '(thunder-admin prefetch).'),
+]
+
 relay_group = cfg.OptGroup('relay', title='Relay tree (agent side)')
 relay_opts = [
     cfg.BoolOpt('enabled', default=False,
@@ -215,6 +231,7 @@ def register_opts(conf=CONF):
     for group, opts in ((agent_group, agent_opts), (cache_group, cache_opts),
                         (qemu_group, qemu_opts),
                         (relay_group, relay_opts),
+                        (prefetch_group, prefetch_opts),
                         (coordinator_group, coordinator_opts),
                         (kernel_group, kernel_opts)):
         conf.register_group(group)
@@ -228,6 +245,7 @@ def list_opts():
         (cache_group, cache_opts),
         (qemu_group, qemu_opts),
         (relay_group, relay_opts),
+        (prefetch_group, prefetch_opts),
         (coordinator_group, coordinator_opts),
         (kernel_group, kernel_opts),
     ]

@@ -36,6 +36,7 @@ class AgentManager:
         self.templates = {}
         self.snapshots = {}
         self._last_flush = 0.0
+        self.prefetchers = {}
         self.relay = None
         if conf.relay.enabled:
             from thunder_agent import relay
@@ -164,7 +165,72 @@ class AgentManager:
             self.templates[image_id] = template
             LOG.info('Template %s ready (%d bytes, %s origin)', image_id,
                      size, origin['driver_volume_type'])
+            self._start_prefetch(template, automatic=True)
             return self._template_status(template, stats=False)
+
+    # -- prefetch --------------------------------------------------------
+    def prefetch(self, image_id, mode='full', rate_mb=None):
+        """Warm a template: ``trace`` (its boot trace) or ``full`` (the
+        whole image at *rate_mb* MiB/s, default [prefetch] full_rate_mb
+        or unlimited). Returns the prefetch status."""
+        image_id = validation.image_id(image_id)
+        if mode not in ('trace', 'full'):
+            raise exception.InvalidInput(
+                reason='prefetch mode must be "trace" or "full"')
+        if rate_mb is not None and (isinstance(rate_mb, bool) or not
+                                    isinstance(rate_mb, (int, float)) or
+                                    rate_mb <= 0):
+            raise exception.InvalidInput(
+                reason='rate_mb must be a positive number of MiB/s')
+        with self.lock:
+            template = self._get_template(image_id)
+            if mode == 'trace' and self._trace_of(image_id) is None:
+                raise exception.InvalidInput(
+                    reason='no boot trace for image %s in %s'
+                           % (image_id, self._trace_dir()))
+            return self._start_prefetch(template, mode=mode, rate_mb=rate_mb)
+
+    def _trace_dir(self):
+        return self.conf.prefetch.trace_dir or os.path.join(
+            self.conf.agent.state_path, 'traces')
+
+    def _trace_of(self, image_id):
+        from thunder_agent import trace as trace_mod
+        path = os.path.join(self._trace_dir(), image_id + '.trace')
+        if not os.path.exists(path):
+            return None
+        try:
+            return trace_mod.load(path)
+        except exception.ThunderException as e:
+            LOG.error('Ignoring the boot trace of %s: %s', image_id, e)
+            return None
+
+    def _start_prefetch(self, template, mode=None, rate_mb=None,
+                        automatic=False):
+        from thunder_agent import prefetch as prefetch_mod
+        image_id = template.image_id
+        address = prefetch_mod.NbdAddress.from_export(template.export)
+        jobs = []
+        if mode in (None, 'trace'):
+            trace = self._trace_of(image_id)
+            if trace is not None:
+                jobs.append(prefetch_mod.TracePrefetcher(
+                    address, trace, granularity=self.conf.cache.cluster_size,
+                    concurrency=self.conf.prefetch.concurrency))
+        if mode == 'full' or (automatic and self.conf.prefetch.full_rate_mb):
+            rate = rate_mb or self.conf.prefetch.full_rate_mb or 1 << 20
+            jobs.append(prefetch_mod.FullPrefetcher(
+                address, template.size, int(rate * MIB)))
+        if not jobs:
+            return None
+        old = self.prefetchers.get(image_id)
+        if old is not None:
+            old.cancel()
+        runner = _PrefetchChain(jobs)
+        self.prefetchers[image_id] = runner.start()
+        LOG.info('Prefetching template %s: %s', image_id,
+                 ', '.join(j.kind for j in jobs))
+        return runner.status()
 
     def _join_tree(self, template):
         template.export = {'host': self.conf.relay.listen_address,
@@ -269,6 +335,10 @@ class AgentManager:
                 raise exception.TemplateInUse(
                     image_id=template.image_id,
                     reason='children %s are still being moved' % pending)
+        prefetcher = self.prefetchers.pop(template.image_id, None)
+        if prefetcher is not None:
+            prefetcher.cancel()
+            prefetcher.wait(10)
         tdir = self._tdir(template.image_id)
         self.backend.delete_template(template, tdir)
         self.store.remove_template(template.image_id)
@@ -374,6 +444,9 @@ class AgentManager:
             'created_at': template.created_at,
             'last_used_at': template.last_used_at,
         }
+        prefetcher = self.prefetchers.get(template.image_id)
+        if prefetcher is not None:
+            status['prefetch'] = prefetcher.status()
         if stats:
             tdir = self._tdir(template.image_id)
             status['healthy'] = self.backend.is_healthy(template, tdir)
@@ -475,6 +548,46 @@ class AgentManager:
         template.sources = [source]
         template.relay = {'parent': node, 'failures': 0}
         self.store.save_template(template)
+
+
+class _PrefetchChain:
+    """Prefetch jobs of one template, run one after the other in a thread
+    (the trace first: it is what the next boot needs)."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+        self._cancelled = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name='prefetch')
+        self._thread.start()
+        return self
+
+    def _run(self):
+        for job in self.jobs:
+            if self._cancelled.is_set():
+                break
+            job.run()
+
+    def cancel(self):
+        self._cancelled.set()
+        for job in self.jobs:
+            job.cancel()
+
+    def wait(self, timeout=None):
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status()
+
+    def status(self):
+        jobs = [job.status() for job in self.jobs]
+        return {'jobs': jobs,
+                'bytes_done': sum(j['bytes_done'] for j in jobs),
+                'bytes_total': sum(j['bytes_total'] for j in jobs),
+                'state': next((j['state'] for j in jobs
+                               if j['state'] not in ('done',)), 'done')}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@
     thunder-admin ... delete-snapshot INSTANCE_ID
     thunder-admin ... release IMAGE_ID
     thunder-admin ... gc [--max-idle SECONDS]
+    thunder-admin ... prefetch IMAGE_ID [--mode trace|full] [--rate-mb N]
 """
 
 import argparse
@@ -42,6 +43,10 @@ def _parser():
     s.add_argument('image_id')
     s = sub.add_parser('gc')
     s.add_argument('--max-idle', type=int)
+    s = sub.add_parser('prefetch')
+    s.add_argument('image_id')
+    s.add_argument('--mode', choices=['trace', 'full'], default='full')
+    s.add_argument('--rate-mb', type=float)
     return p
 
 
@@ -70,6 +75,9 @@ def main(argv=None):
             result = client.delete_snapshot(host, ours.instance_id)
         elif ours.command == 'release':
             result = client.release_template(host, ours.image_id)
+        elif ours.command == 'prefetch':
+            result = client.prefetch(host, ours.image_id, ours.mode,
+                                     ours.rate_mb)
         else:
             result = client.collect_garbage(host, ours.max_idle)
     except exception.ThunderException as e:

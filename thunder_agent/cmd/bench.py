@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 from thunder_agent.bench import metrics
 from thunder_agent.bench import report
@@ -122,6 +123,10 @@ def _workload(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    # The agents' libraries warn about their own dependencies on import;
+    # that is noise between the progress lines.
+    warnings.simplefilter('ignore', DeprecationWarning)
+    warnings.filterwarnings('ignore', message='(?s).*eventlet is deprecated')
     if os.geteuid() != 0:
         print('Error: thunder-bench needs root (network namespaces)',
               file=sys.stderr)

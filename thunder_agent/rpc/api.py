@@ -4,6 +4,7 @@ Version history:
 
 * 1.0 - prepare_template, create_snapshot, prepare, delete_snapshot,
   release_template, collect_garbage, get_status.
+* 1.1 - prefetch.
 
 Errors come back as the typed exceptions of :mod:`thunder_agent.exception`.
 """
@@ -16,7 +17,7 @@ CONF = agent_conf.CONF
 
 
 class AgentAPI:
-    VERSION = '1.0'
+    VERSION = '1.1'
 
     def __init__(self, transport, topic=None, timeout=None):
         target = messaging.Target(topic=topic or CONF.agent.topic,
@@ -72,3 +73,15 @@ class AgentAPI:
 
     def get_status(self, host, ctxt=None, timeout=None):
         return self._call(host, 'get_status', ctxt, timeout)
+
+    def prefetch(self, host, image_id, mode='full', rate_mb=None, ctxt=None,
+                 timeout=None):
+        """Warm the template of *image_id*: ``trace`` or ``full``.
+
+        Returns at once with the prefetch status; progress shows in
+        get_status under the template's ``prefetch``.
+        """
+        cctxt = self.client.prepare(server=host, timeout=timeout,
+                                    version='1.1')
+        return cctxt.call(ctxt or {}, 'prefetch', image_id=image_id,
+                          mode=mode, rate_mb=rate_mb)

@@ -35,6 +35,9 @@ class AgentEndpoint:
     def get_status(self, ctxt):
         return self.manager.get_status()
 
+    def prefetch(self, ctxt, image_id, mode='full', rate_mb=None):
+        return self.manager.prefetch(image_id, mode, rate_mb)
+
 
 def get_server(transport, manager, topic, host):
     target = messaging.Target(topic=topic, server=host)
