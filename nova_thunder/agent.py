@@ -35,6 +35,12 @@ class AgentClient:
         # The timeout is passed on every call: [thunder] timeout may change
         # while the client lives.
         self.api = agent_api.AgentAPI(transport, topic=CONF.thunder.topic)
+        # AgentAPI's target takes the process's control_exchange, which in
+        # nova-compute is Nova's own ("nova"), not the agents'.
+        self.api.client = messaging.get_rpc_client(
+            transport, messaging.Target(
+                exchange=CONF.thunder.control_exchange,
+                topic=CONF.thunder.topic, version=agent_api.AgentAPI.VERSION))
 
     def prepare(self, image_id, origin, size, image_format, instance_uuid,
                 source):

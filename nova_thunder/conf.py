@@ -22,6 +22,11 @@ thunder_opts = [
     cfg.StrOpt('topic', default='thunder-agent',
                help='RPC topic of the thunder agents; must equal the '
                     'agents\' [agent] topic.'),
+    cfg.StrOpt('control_exchange', default='openstack',
+               help='oslo.messaging exchange the thunder agents listen on; '
+                    'must equal the agents\' [DEFAULT] control_exchange. '
+                    'Given explicitly because nova-compute\'s own '
+                    'control_exchange is "nova".'),
     cfg.StrOpt('transport_url', secret=True,
                sample_default='rabbit://thunder:secret@controller:5672/',
                help='oslo.messaging URL of the broker the thunder agents '
@@ -30,7 +35,11 @@ thunder_opts = [
     cfg.IntOpt('timeout', default=300, min=1,
                help='Seconds nova-compute waits for the agent to prepare a '
                     'disk (template creation included) or to release one.'),
-    cfg.StrOpt('backend', default='qemu', choices=('qemu', 'kernel'),
+    cfg.StrOpt('backend', default='qemu',
+               choices=[('qemu', 'qemu-storage-daemon templates; the disk is '
+                                 'a qcow2 overlay over an NBD export'),
+                        ('kernel', 'iSCSI, block cache and device-mapper; '
+                                   'the disk is a block device')],
                help='Data-plane backend of the local agent. A disk of '
                     'another backend returned for a new block device is '
                     'refused (and released) before libvirt sees it, so a '

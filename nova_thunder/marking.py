@@ -294,4 +294,3 @@ def parse_origin_url(url):
     raise exception.InvalidOriginURL(
         url=url, reason='scheme %r is not nbd, nbd+unix or file'
                         % parsed.scheme)
-

@@ -161,6 +161,12 @@ class Host:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def restart_tgtd(self):
+        """Start a fresh tgtd unless the running one is alive."""
+        if self.tgtd is None or self.tgtd.poll() is not None:
+            self.kill_tgtd()
+            self.start_tgtd()
+
     def targets(self):
         return sh('tgtadm', '-C', str(self.control_port), '--lld', 'iscsi',
                   '--op', 'show', '--mode', 'target')
@@ -420,6 +426,9 @@ def agents(guest):
         return agent
 
     yield make
+    # A test that killed a host's tgtd must not break the next one.
+    for host in guest.values():
+        host.restart_tgtd()
     for agent in made:
         left = leftovers(agent)
         assert not any(left.values()), left

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import time
 
 from thunder_agent import exception
 from thunder_agent.backends import base
@@ -205,18 +206,25 @@ class KernelBackend(base.Backend):
 
     # -- templates -------------------------------------------------------
     def create_template(self, template, template_dir):
+        started = time.monotonic()
         sources = template.sources or [template.origin]
         layout = self._load_layout(template_dir)
         layout['secret'] = chap.new_secret()
         layout['sources'] = self._connect_sources(template, sources)
         self._save_layout(template_dir, layout)
+        attached = time.monotonic()
         try:
-            return self._build(template, template_dir, layout, fresh=True)
+            export = self._build(template, template_dir, layout, fresh=True)
         except Exception:
             LOG.exception('Building template %s failed; tearing down',
                           template.image_id)
             self._teardown(template, template_dir, layout)
             raise
+        LOG.info('Template %s exported as %s (sources attached in %.1f s, '
+                 'cache and export in %.1f s)', template.image_id,
+                 export['data']['target_iqn'], attached - started,
+                 time.monotonic() - attached)
+        return export
 
     def _build(self, template, template_dir, layout, fresh):
         length = dmtables.sectors(template.size)
@@ -256,23 +264,31 @@ class KernelBackend(base.Backend):
         return self._build(template, template_dir, layout, fresh=False)
 
     def set_sources(self, template, template_dir, sources):
+        started = time.monotonic()
         layout = self._load_layout(template_dir)
         old = layout['sources']
         entries = self._connect_sources(template, sources, current=old)
+        attached = time.monotonic()
         src = self._dev('src', template.image_id)
         # Queued and in-flight I/O moves to the new paths.
         devmapper.reload(src, self._source_table(template, entries),
                          readonly=True)
         layout['sources'] = entries
         self._save_layout(template_dir, layout)
+        switched = time.monotonic()
+        LOG.info('Template %s now reads from %s (attached in %.1f s, '
+                 'switched in %.1f s)', template.image_id,
+                 [e['source']['data']['target_portal'] for e in entries],
+                 attached - started, switched - attached)
         for entry in old:
             if not any(iscsi.same_source(entry['source'], e['source'])
                        for e in entries):
                 self._disconnect(entry)
-        LOG.info('Template %s now reads from %s', template.image_id,
-                 [e['source']['data']['target_portal'] for e in entries])
+        LOG.info('Template %s left its old sources in %.1f s',
+                 template.image_id, time.monotonic() - switched)
 
     def delete_template(self, template, template_dir):
+        started = time.monotonic()
         layout = self._load_layout(template_dir)
         tpl = self._dev('tpl', template.image_id)
         if devmapper.exists(tpl):
@@ -287,6 +303,8 @@ class KernelBackend(base.Backend):
                 image_id=template.image_id,
                 reason='%d child session(s) on its export' % sessions)
         self._teardown(template, template_dir, layout)
+        LOG.info('Template %s torn down in %.1f s', template.image_id,
+                 time.monotonic() - started)
 
     def _teardown(self, template, template_dir, layout):
         """Reverse of _build, tolerant of missing pieces."""

@@ -26,7 +26,9 @@ class AgentAPI:
                                                timeout=timeout)
 
     def _call(self, host, method, ctxt=None, timeout=None, **kwargs):
-        cctxt = self.client.prepare(server=host, timeout=timeout)
+        # prepare(timeout=None) would drop the client's own timeout.
+        options = {'timeout': timeout} if timeout is not None else {}
+        cctxt = self.client.prepare(server=host, **options)
         return cctxt.call(ctxt or {}, method, **kwargs)
 
     def prepare_template(self, host, image_id, origin, size, image_format,
@@ -81,7 +83,7 @@ class AgentAPI:
         Returns at once with the prefetch status; progress shows in
         get_status under the template's ``prefetch``.
         """
-        cctxt = self.client.prepare(server=host, timeout=timeout,
-                                    version='1.1')
+        options = {'timeout': timeout} if timeout is not None else {}
+        cctxt = self.client.prepare(server=host, version='1.1', **options)
         return cctxt.call(ctxt or {}, 'prefetch', image_id=image_id,
                           mode=mode, rate_mb=rate_mb)

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
@@ -167,8 +168,9 @@ def _cached_trees(results_dir):
     """Host directories to serve from the cached share: the project, the
     virtualenv and the Python installation, minus the results directory
     (which must stay the writable share)."""
-    trees = sorted({project_root(), os.path.realpath(sys.prefix),
-                    os.path.realpath(sys.base_prefix)})
+    paths = sysconfig.get_paths()
+    trees = sorted({os.path.realpath(p) for p in (
+        project_root(), sys.prefix, paths['stdlib'], paths['platstdlib'])})
     trees = [t for t in trees
              if not any(t != o and t.startswith(o + os.sep) for o in trees)]
     return [t for t in trees
@@ -207,7 +209,6 @@ def guest_script(results_dir, selection, pytest_args, test_timeout):
                                               for a in pytest), results),
         'echo $? > %s/exit_code' % results,
         'dmesg > %s/dmesg.log 2>&1' % results,
-        'sync',
         '',
     ])
 

@@ -37,6 +37,7 @@ class PrivateLibvirtd:
     def __init__(self, base_dir=None):
         self.base_dir = base_dir
         self.proc = None
+        self.created = []
 
     @property
     def uri(self):
@@ -55,6 +56,10 @@ class PrivateLibvirtd:
         with open(os.path.join(self.dir, 'etc', 'qemu.conf'), 'a') as f:
             f.write(QEMU_CONF)
         self.socket = os.path.join(self.dir, 'run', 'libvirt-sock')
+        # Mount points are shared with the host: remember which one this
+        # test had to create, to remove it afterwards.
+        self.created = [m.split(':')[1] for m in MOUNTS
+                        if not os.path.exists(m.split(':')[1])]
         script = ['set -e']
         for mount in MOUNTS:
             source, target = mount.split(':')
@@ -107,6 +112,11 @@ class PrivateLibvirtd:
         self.proc = None
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        for path in self.created:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self.start()

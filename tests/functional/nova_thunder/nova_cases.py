@@ -20,16 +20,20 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
+from unittest import mock  # noqa: E402
 
 from lxml import etree  # noqa: E402
 from oslo_serialization import jsonutils  # noqa: E402
 
 from nova import context as nova_context  # noqa: E402
 from nova import objects  # noqa: E402
+from nova import test  # noqa: E402
 from nova.tests import fixtures as nova_fixtures  # noqa: E402
+from nova.tests.fixtures import libvirt as fakelibvirt  # noqa: E402
 from nova.tests.functional.libvirt import base  # noqa: E402
 
 from nova_thunder import agent as agent_client  # noqa: E402
+from nova_thunder import block_device  # noqa: E402
 from nova_thunder import marking  # noqa: E402
 from nova_thunder import wiring  # noqa: E402
 
@@ -96,6 +100,8 @@ class ThunderServersTest(base.ServersTestBase):
                    timeout=120, group='thunder')
         agent_client.reset_client()
         self.addCleanup(agent_client.reset_client)
+        # The agent outlives each test: leave it empty for the next one.
+        self.addCleanup(self.empty_agent)
 
         size = int(os.environ['THUNDER_IMAGE_SIZE'])
         origin = 'file://' + os.environ['THUNDER_IMAGE_PATH']
@@ -106,6 +112,18 @@ class ThunderServersTest(base.ServersTestBase):
                 'container_format': 'bare', 'size': size, 'min_ram': 0,
                 'min_disk': 0, 'visibility': 'public',
                 'properties': {'thunder_origin': origin}})
+        # Keep the domain XML Nova hands to libvirt (the fake libvirt's own
+        # XMLDesc() only keeps the elements it models).
+        self.defined = {}
+        define = fakelibvirt.Connection.defineXML
+
+        def record_define(conn, xml):
+            dom = define(conn, xml)
+            self.defined[dom.UUIDString()] = xml
+            return dom
+
+        self.stub_out('nova.tests.fixtures.libvirt.Connection.defineXML',
+                      record_define)
         self.start_compute()
         self.ctxt = nova_context.get_admin_context()
 
@@ -122,6 +140,13 @@ class ThunderServersTest(base.ServersTestBase):
         return agent_client.get_client().api.get_status(
             os.environ['THUNDER_AGENT_HOST'])
 
+    def empty_agent(self):
+        api = agent_client.get_client().api
+        host = os.environ['THUNDER_AGENT_HOST']
+        for snap in api.get_status(host)['snapshots']:
+            api.delete_snapshot(host, snap['instance_id'])
+        api.collect_garbage(host, max_idle=0)
+
     def snapshot_ids(self):
         return {s['instance_id'] for s in self.agent_status()['snapshots']}
 
@@ -134,10 +159,11 @@ class ThunderServersTest(base.ServersTestBase):
         return jsonutils.loads(self.root_bdm(server).connection_info)
 
     def domain_disk(self, server):
-        conn = self.computes['compute1'].driver._host.get_connection()
-        dom = conn.lookupByUUIDString(server['id'])
-        return etree.fromstring(dom.XMLDesc(0)).find(
-            "devices/disk[target/@dev='vda']")
+        xml = self.defined[server['id']]
+        for disk in etree.fromstring(xml).findall('devices/disk'):
+            if disk.find('target').get('dev') == 'vda':
+                return disk
+        self.fail('no vda in the domain of %s' % server['id'])
 
     def create(self, bdm, min_count=1, expected='ACTIVE'):
         body = self._build_server(networks='none')
@@ -149,7 +175,8 @@ class ThunderServersTest(base.ServersTestBase):
         servers = [s for s in self.api.get_servers(
             search_opts={'name': body['name']})]
         self.assertEqual(min_count, len(servers))
-        return [self._wait_for_state_change(s, expected) for s in servers]
+        return [self._wait_for_state_change(s, expected, max_retries=60)
+                for s in servers]
 
     def assert_thunder_disk(self, server, image_id):
         info = self.connection_info(server)
@@ -228,6 +255,33 @@ class ThunderServersTest(base.ServersTestBase):
         self.assertEqual({self.root_bdm(server).volume_id}, created)
         self.assertEqual(set(), self.snapshot_ids())
         self._delete_server(server)
+
+    def test_failed_spawn_releases_the_snapshot(self):
+        """libvirt fails after the disk was prepared: Nova's cleanup of the
+        failed build (destroy with destroy_disks) releases the snapshot."""
+        prepared = []
+        create = block_device.ThunderImageBlockDevice.attach
+
+        def attach(device, *args, **kwargs):
+            create(device, *args, **kwargs)
+            prepared.append(device['connection_info'])
+
+        self.stub_out('nova_thunder.block_device.ThunderImageBlockDevice.'
+                      'attach', attach)
+        # One host: fail the build there instead of rescheduling.
+        self.flags(max_attempts=1, group='scheduler')
+        self.stub_out('nova.virt.libvirt.driver.LibvirtDriver.'
+                      '_create_guest_with_network',
+                      mock.Mock(side_effect=test.TestingException('boom')))
+        server, = self.create({'source_type': 'image', 'uuid': IMAGE,
+                               'destination_type': 'volume',
+                               'volume_size': 1, 'volume_type': 'thunder',
+                               'delete_on_termination': True},
+                              expected='ERROR')
+        self.assertEqual(1, len(prepared))
+        self.assertEqual(server['id'], prepared[0]['data']['instance_id'])
+        self.assertFalse(os.path.exists(prepared[0]['data']['path']))
+        self.assertEqual(set(), self.snapshot_ids())
 
     def test_bad_image_fails_cleanly(self):
         server, = self.create({'source_type': 'image', 'uuid': BAD_IMAGE,
