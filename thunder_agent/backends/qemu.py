@@ -344,7 +344,9 @@ class QemuBackend(base.Backend):
                          'instance_id': instance_id,
                          'path': os.path.join(snapshot_dir, OVERLAY_FILE),
                          'format': 'qcow2',
-                         'backing': self._export(template)}}
+                         'backing': dict(
+                             self._export(template),
+                             reconnect_delay=self.reconnect_delay)}}
 
     def backing_filename(self, template):
         server = self._nbd_listener(template)
