@@ -1,9 +1,11 @@
 """Which cache makes each block cross each link once? (guest)
 
-The same relay (origin -> A -> B, both snapshots read in full) with each
-cache candidate; the bytes read at the origin's backing device are
-recorded in measurements.json and the configured default must be the
-candidate that reads the image from the origin once.
+Per candidate, a template on A over the origin is read twice in full: once
+through a snapshot (a local VM) and once through the template device itself
+(what a child's fetches through A's export read). The bytes read at the
+origin's backing device are recorded in measurements.json; the configured
+default must be the candidate that reads the image from the origin once.
+The full relay with the default cache is in test_relay.py.
 """
 
 import pytest
@@ -26,23 +28,21 @@ CANDIDATES = {
 
 
 def _origin_bytes(agents, image, settings):
-    """Origin bytes while A's and B's snapshots are read in full (after
-    the devices were set up and probed by udev)."""
-    a, b = agents('a', **settings), agents('b', **settings)
+    """Origin bytes while the template is read twice (after its devices
+    were set up and probed by udev)."""
+    a = agents('a', **settings)
     ta = a.create_template(image, [image.export('10.99.1.1')])
-    tb = b.create_template(image, [ta.export])
-    snap_b, snap_a = b.create_snapshot(tb), a.create_snapshot(ta)
+    snap = a.create_snapshot(ta)
     try:
         settle()
         before = image.origin_bytes_read()
-        for snap in (snap_b, snap_a):
-            assert read_device(snap.connection_info['data']['device_path'],
-                               image.size) == image.sha256
+        tpl = '/dev/mapper/%s-%s-tpl' % (a.conf.kernel.device_prefix,
+                                         image.image_id)
+        for path in (snap.connection_info['data']['device_path'], tpl):
+            assert read_device(path, image.size) == image.sha256
         return image.origin_bytes_read() - before
     finally:
-        b.delete_snapshot(tb, snap_b)
-        b.delete_template(tb)
-        a.delete_snapshot(ta, snap_a)
+        a.delete_snapshot(ta, snap)
         a.delete_template(ta)
 
 
@@ -58,5 +58,7 @@ def test_default_cache_reads_the_image_from_the_origin_once(agents,
     default = [opt.default for opt in agent_conf.kernel_opts
                if opt.name == 'cache_type'][0]
     assert default == 'bcache'
-    assert image.size * 0.9 <= measured['bcache'] <= image.size * 1.05
+    # bcache drops a few misses when its allocator falls behind (a loaded
+    # host); dm-cache reads the image about twice or more.
+    assert image.size * 0.95 <= measured['bcache'] <= image.size * 1.15
     assert measured['bcache'] == min(measured.values())

@@ -70,6 +70,13 @@ def test_reads_block_on_parent_loss_and_resume_after_reparent(
         assert outcome['sha256'] == image.sha256
         paths = b.backend.source_paths(tb, tdir_b)
         assert [active for _dev, active in paths['paths']] == [True]
+        # A's tgtd comes back empty: its template is unhealthy until the
+        # agent re-exports it, with the same credentials.
+        guest['a'].restart_tgtd()
+        tdir_a = a.template_dir(image.image_id)
+        assert not a.backend.is_healthy(ta, tdir_a)
+        assert a.backend.ensure_template(ta, tdir_a) == ta.export
+        assert a.backend.is_healthy(ta, tdir_a)
         record('failover', {
             'paused_at_bytes': progress['paused_at'],
             'stalled_at_bytes': stalled_at,

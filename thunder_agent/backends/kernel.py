@@ -152,7 +152,7 @@ class KernelBackend(base.Backend):
         finally:
             if not sysfs.holders(info['path']):
                 # Only log out if no template uses the same LUN.
-                self.connector.disconnect(origin, info, force=True)
+                self.connector.disconnect(origin, force=True)
         return base.OriginInfo(size=size, image_format='raw')
 
     # -- sources ---------------------------------------------------------
@@ -192,10 +192,26 @@ class KernelBackend(base.Backend):
             raise
         return attached
 
+    @staticmethod
+    def _still_attached(entry):
+        """True when the recorded SCSI device still belongs to a session
+        with the source's target."""
+        path = entry.get('device', {}).get('path')
+        if not path or not os.path.exists(path):
+            return False
+        session = sysfs.iscsi_session_dir(path)
+        if session is None:
+            return False
+        try:
+            with open(os.path.join(session, 'targetname')) as f:
+                return (f.read().strip()
+                        == entry['source']['data']['target_iqn'])
+        except OSError:
+            return False
+
     def _disconnect(self, entry):
         try:
-            self.connector.disconnect(entry['source'], entry['device'],
-                                      force=True)
+            self.connector.disconnect(entry['source'], force=True)
         except exception.ThunderException as e:
             LOG.warning('Leaving source %s: %s',
                         entry['source']['data'].get('target_iqn'), e)
@@ -257,9 +273,11 @@ class KernelBackend(base.Backend):
                        % template.image_id)
         sources = layout['sources'] or [
             {'source': s} for s in (template.sources or [template.origin])]
-        # Re-login is a no-op for live sessions (os-brick finds them).
+        # Sessions that survived (agent restart) are kept as they are;
+        # after a reboot they are logged in again.
+        live = [e for e in sources if self._still_attached(e)]
         layout['sources'] = self._connect_sources(
-            template, [e['source'] for e in sources])
+            template, [e['source'] for e in sources], current=live)
         self._save_layout(template_dir, layout)
         return self._build(template, template_dir, layout, fresh=False)
 

@@ -128,6 +128,7 @@ def plot(records, path, title=None):
                   label='bound O* (working set)')
     left.set_xlabel('hosts H')
     left.set_ylabel('storm time (s)')
+    left.set_yscale('log')
     left.set_title('Storm time: start to last VM booted')
     right.set_xlabel('hosts H')
     right.set_ylabel('bytes sent by the origin (MiB)')

@@ -350,12 +350,14 @@ def _run_copy(storm, cluster, workdir):
                                      workdir).start()
         else:
             swarm = torrent.Swarm(cluster, config.image, workdir).seed()
-            # Every peer listens before the storm starts, as the seeder.
+            # Every peer listens (paused) before the storm starts.
             for host in cluster.hosts:
                 swarm.fetch(host, os.path.join(copies, host.name))
         runners = _start_runners(storm, cluster.hosts, workdir)
-        storm.t0 = time.monotonic()
         before = cluster.counters()
+        storm.t0 = time.monotonic()
+        if swarm is not None:
+            swarm.go()
 
         def host_job(host):
             directory = os.path.join(copies, host.name)
@@ -452,6 +454,8 @@ def _run_thunder(storm, tc, workdir):
     try:
         tree = tc.tree()
         extra['tree_height'] = tree.get('height')
+        extra['tree'] = {node: (entry.get('parents') or [None])[0]
+                         for node, entry in tree.get('nodes', {}).items()}
     except Exception as e:
         extra['tree_height'] = None
         storm.errors.append('tree: %s' % e)

@@ -11,7 +11,9 @@ The processes run inside the hosts' namespaces::
 
 Each prints JSON lines on stdout: ``{"event": "ready"}`` once listening,
 and a fetching peer ``{"event": "complete", "seconds": S}`` once it holds
-the whole file. Peers keep seeding to the others until terminated.
+the whole file. A fetching peer starts paused and begins when it reads
+``go`` on stdin, so that every peer starts with the storm. Peers keep
+seeding to the others until terminated.
 """
 
 import argparse
@@ -80,11 +82,18 @@ def _serve(args):
     if args.command == 'seed':
         # The data is known to be complete: no hash check.
         params.flags |= lt.torrent_flags.seed_mode
+    else:
+        # Nothing moves before the storm starts (a "go" line on stdin).
+        params.flags |= lt.torrent_flags.paused
     handle = session.add_torrent(params)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(True))
     peers = [_address(p) for p in args.peer]
     _emit(event='ready')
+    if args.command == 'fetch':
+        if sys.stdin.readline().strip() != 'go':
+            return 1
+        handle.resume()
     start = time.monotonic()
     complete = args.command == 'seed'
     last_connect = 0
@@ -139,7 +148,8 @@ class Swarm:
             argv += ['--peer', '%s:%d' % (peer.address, PORT)]
         log = os.path.join(self.workdir, '%s.torrent.log' % host.name)
         with open(log, 'ab') as stderr:
-            proc = host.popen(argv, stdout=subprocess.PIPE, stderr=stderr,
+            proc = host.popen(argv, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=stderr,
                               text=True)
         proc.log_path = log
         self.procs[host.name] = proc
@@ -162,6 +172,13 @@ class Swarm:
         proc = self._start(host, 'fetch', directory, others)
         self._expect(proc, 'ready', host.name)
         return proc
+
+    def go(self):
+        """Start every fetching peer at once."""
+        for name, proc in self.procs.items():
+            if name != self.cluster.origin.name:
+                proc.stdin.write('go\n')
+                proc.stdin.flush()
 
     def wait_complete(self, host):
         return self._expect(self.procs[host.name], 'complete', host.name)
@@ -196,8 +213,12 @@ class Swarm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
         self.procs = {}
 
 

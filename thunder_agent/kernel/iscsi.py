@@ -121,14 +121,17 @@ class SourceConnector:
         if code:
             LOG.warning('Cannot set recovery_tmo of %s: %s', session, err)
 
-    def disconnect(self, source, device_info, force=False):
+    def disconnect(self, source, force=False):
         """Log out of *source* and remove its SCSI device.
 
         *force* tolerates a dead target (flush errors, logout failures).
         """
         props = check_source(source)
         try:
-            self.connector.disconnect_volume(props, device_info, force=force,
+            # No device path: os-brick then skips flushing the SCSI device.
+            # Sources are read-only, there is nothing to flush, and a flush
+            # of a dead parent's device only fails after minutes of retries.
+            self.connector.disconnect_volume(props, None, force=force,
                                              ignore_errors=force)
         except brick_exception.BrickException as e:
             raise exception.BackendError(

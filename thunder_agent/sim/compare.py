@@ -4,9 +4,11 @@ Every record of the benchmark is simulated with the record's own setup:
 hosts, VMs, link rate, mode, fan-out, cache block, and the fixed costs the
 benchmark measured on the way (template or download ready time per host,
 VM start-up, one VM's boot on a warm local disk). One parameter is not
-measured directly: the delay each NBD request costs per hop. It is fitted
-once, on the smallest ``thunder`` storm, and then used for every record;
-the other records are predictions.
+measured directly: what a VM read through a template's NBD export costs
+beyond a local read, for a hit and for a miss (see
+``SimConfig.hit_penalty_s`` and ``miss_penalty_s``). They are fitted once,
+on the smallest ``thunder-prefetch`` and ``thunder`` storms, and then used
+for every record; the other records are predictions.
 """
 
 import statistics
@@ -23,24 +25,26 @@ def _median(values, default=0.0):
     return statistics.median(values) if values else default
 
 
-def config_for(record, trace, request_latency_s):
+def config_for(record, trace, penalties=(0.0, 0.0)):
     """A :class:`~thunder_agent.sim.model.SimConfig` reproducing the
-    benchmark record."""
+    benchmark record, each host starting when it did in the benchmark.
+    *penalties* are (hit, miss) seconds, see :func:`calibrate`."""
     mode = record['mode']
-    detail = record.get('vm_detail') or []
-    ready = record.get('host_ready_s') or {}
-    if mode in AGENT_MODES:
-        setup_s = _median(ready.values())
-        vm_start_s = max(0.0, _median(
-            d['latency_s'] - d['boot_s'] for d in detail) - setup_s)
-    else:
-        setup_s = 0.0
-        vm_start_s = max(0.0, _median(
-            d['latency_s'] - d['boot_s'] - ready.get(d['host'], 0.0)
-            for d in detail if d['host'] in ready))
+    ready = dict(record.get('host_ready_s') or {})
+    starts = {}
+    for d in record.get('vm_detail') or []:
+        # From host ready (template made, or copy complete) to the VM's
+        # first read: snapshot, disk attach.
+        begin = d['latency_s'] - d['boot_s']
+        starts.setdefault(d['host'], []).append(
+            begin - ready.get(d['host'], 0.0))
+    host_setup = {h: (t if mode in AGENT_MODES else 0.0)
+                  for h, t in ready.items()}
+    host_vm_start = {h: max(0.0, _median(v)) for h, v in starts.items()}
     reads = len(trace.reads)
     local_latency_s = max(0.0, (record.get('warm_boot_s', 0.0)
                                 - trace.think_s()) / reads)
+    hit, miss = penalties
     return model.SimConfig(
         mode=mode, hosts=record['hosts'],
         bandwidth_bps=record['bandwidth_mbit'] * 1e6,
@@ -48,39 +52,82 @@ def config_for(record, trace, request_latency_s):
         fan_out=(record.get('fan_out', 2) if mode != 'direct' else 1),
         origin_fan_out=1,
         chunk_bytes=record.get('chunk_bytes', 65536),
-        request_latency_s=request_latency_s, setup_s=setup_s,
-        vm_start_s=vm_start_s, local_latency_s=local_latency_s)
+        hit_penalty_s=hit, miss_penalty_s=miss,
+        setup_s=_median(host_setup.values()),
+        vm_start_s=_median(host_vm_start.values()),
+        host_setup_s=host_setup or None,
+        host_vm_start_s=host_vm_start or None,
+        local_latency_s=local_latency_s)
 
 
-def calibrate(records, trace, low=0.0, high=0.2, rounds=24):
-    """Fit the per-hop request delay on the smallest thunder storm
-    (storm time grows with it). Returns (seconds, the record used)."""
-    candidates = sorted((r for r in records if r['mode'] == 'thunder'),
-                        key=lambda r: r['hosts']) or sorted(
-        (r for r in records if r['mode'] in AGENT_MODES),
-        key=lambda r: r['hosts'])
-    if not candidates:
-        return model.SimConfig.request_latency_s, None
-    target = candidates[0]
-    workload = model.Workload(trace, target.get('chunk_bytes', 65536))
+def tree_of(record):
+    """The relay tree the benchmark's coordinator built, if recorded
+    (hosts join in the order their agents asked, not by name)."""
+    tree = record.get('tree')
+    if record['mode'] not in ('thunder', 'thunder-prefetch') or not tree \
+            or len(tree) != record['hosts'] or None in tree.values():
+        return None
+    return dict(tree)
+
+
+def _smallest(records, mode):
+    found = sorted((r for r in records if r['mode'] == mode),
+                   key=lambda r: r['hosts'])
+    return found[0] if found else None
+
+
+def _fit(record, trace, workload, penalties, which, high=0.2, rounds=22):
+    """Bisect penalty *which* (0 hit, 1 miss) to match the record's storm
+    time, the other one fixed."""
+    low, top = 0.0, high
     for _ in range(rounds):
-        middle = (low + high) / 2
-        result = engine.simulate(config_for(target, trace, middle),
-                                 workload)
-        if result.storm_s < target['storm_s']:
+        middle = (low + top) / 2
+        trial = list(penalties)
+        trial[which] = middle
+        result = engine.simulate(config_for(record, trace, trial),
+                                 workload, parent_of=tree_of(record))
+        if result.storm_s < record['storm_s']:
             low = middle
         else:
-            high = middle
-    return (low + high) / 2, target
+            top = middle
+    fitted = list(penalties)
+    fitted[which] = (low + top) / 2
+    return tuple(fitted)
 
 
-def compare(records, trace, request_latency_s=None):
-    """Simulate every record; returns (rows, request_latency_s, fitted
-    record). A row has the record's mode and hosts and, per metric, the
-    benchmark's value, the simulator's and the relative error."""
-    fitted = None
-    if request_latency_s is None:
-        request_latency_s, fitted = calibrate(records, trace)
+def calibrate(records, trace):
+    """Fit the two per-read costs of reading through a template:
+
+    * the hit penalty, on the smallest ``thunder-prefetch`` storm (its
+      reads nearly all hit);
+    * the miss penalty, on the smallest ``thunder`` storm.
+
+    They interact a little, so the fit goes round twice. Returns
+    ((hit, miss) seconds, [the records used]).
+    """
+    prefetched = _smallest(records, 'thunder-prefetch')
+    demand = _smallest(records, 'thunder') or _smallest(records, 'direct')
+    penalties = (0.0, 0.0)
+    used = [r for r in (prefetched, demand) if r is not None]
+    if not used:
+        return penalties, used
+    workload = model.Workload(trace, used[0].get('chunk_bytes', 65536))
+    for _ in range(2):
+        if prefetched is not None:
+            penalties = _fit(prefetched, trace, workload, penalties, 0)
+        if demand is not None:
+            penalties = _fit(demand, trace, workload, penalties, 1)
+    return penalties, used
+
+
+def compare(records, trace, penalties=None):
+    """Simulate every record; returns (rows, (hit, miss) penalties, the
+    records the penalties were fitted on). A row has the record's mode and
+    hosts and, per metric, the benchmark's value, the simulator's and the
+    relative error."""
+    fitted = []
+    if penalties is None:
+        penalties, fitted = calibrate(records, trace)
     workloads = {}
     rows = []
     for record in sorted(records, key=lambda r: (r['hosts'], r['mode'])):
@@ -88,16 +135,17 @@ def compare(records, trace, request_latency_s=None):
         if chunk not in workloads:
             workloads[chunk] = model.Workload(trace, chunk)
         result = engine.simulate(
-            config_for(record, trace, request_latency_s), workloads[chunk])
+            config_for(record, trace, penalties), workloads[chunk],
+            parent_of=tree_of(record))
         row = {'mode': record['mode'], 'hosts': record['hosts'],
-               'fitted': record is fitted}
+               'fitted': any(record is r for r in fitted)}
         for key in METRICS:
             bench = record.get(key)
             sim = getattr(result, key)
             row[key] = {'bench': bench, 'sim': sim,
                         'error': (sim - bench) / bench if bench else None}
         rows.append(row)
-    return rows, request_latency_s, fitted
+    return rows, penalties, fitted
 
 
 def summary(rows, max_hosts=16, limit=0.15):
@@ -113,3 +161,18 @@ def summary(rows, max_hosts=16, limit=0.15):
                                      if errors else None),
                       'within': bool(errors) and max(errors) <= limit}
     return worst
+
+
+def summary_by_mode(rows, max_hosts=16):
+    """{mode: {metric: worst absolute relative error}} over H <=
+    *max_hosts*, fitted records left out."""
+    out = {}
+    for row in rows:
+        if row['hosts'] > max_hosts or row['fitted']:
+            continue
+        worst = out.setdefault(row['mode'], {})
+        for key in METRICS:
+            error = row[key]['error']
+            if error is not None:
+                worst[key] = max(worst.get(key, 0.0), abs(error))
+    return out

@@ -12,7 +12,9 @@ A cache is copy-on-read at fetch-unit grain (see
 its parent, which serves it if it has it, waits for it if it is already
 fetching it, or fetches it from its own parent first — the unit is stored
 and forwarded at every hop, as a qcow2 copy-on-read template does. Every
-request costs ``request_latency_s`` per hop.
+request costs ``request_latency_s`` per hop (``origin_latency_s`` at the
+origin); a VM read through a template costs ``hit_penalty_s`` more, and
+one that missed ``miss_penalty_s`` more again.
 """
 
 import dataclasses
@@ -140,10 +142,9 @@ class Node:
         self.waiters = {}
         self.tx_bytes = 0
         self.rx_bytes = 0
-        # VMs read a template through its NBD export (one more hop), or
-        # a local copy.
-        self.vm_hop = config.mode in ('direct', 'thunder',
-                                      'thunder-prefetch')
+        # VMs read a template's export (agent modes) or a local copy.
+        self.through_template = config.mode in ('direct', 'thunder',
+                                                'thunder-prefetch')
 
     def need(self, unit, callback):
         """Call *callback* once this node has *unit*."""
@@ -157,7 +158,9 @@ class Node:
         self.state[unit] = FETCHING
         parent = self.parent
         size = self.workload.units[unit][1]
-        self.sim.at(self.sim.now + self.config.request_latency_s,
+        latency = (self.config.origin_latency_s if parent.is_origin
+                   else self.config.request_latency_s)
+        self.sim.at(self.sim.now + latency,
                     parent.need, unit,
                     lambda: parent.link.send(self, size,
                                              lambda: self._arrived(unit)))
@@ -186,6 +189,7 @@ class VM:
         n = len(self.steps)
         self.done_at = [None] * n
         self.missing = [0] * n
+        self.missed = [False] * n
         self.left = n
         self.next = 0
         self.scheduled = False
@@ -223,6 +227,7 @@ class VM:
         units = [u for u in self.read_units[index]
                  if self.node.state[u] != PRESENT]
         self.missing[index] = len(units)
+        self.missed[index] = bool(units)
         if not units:
             self._local_read(index)
             return
@@ -237,9 +242,11 @@ class VM:
     def _local_read(self, index):
         length = self.steps[index].read.length
         config = self.config
-        delay = (config.request_latency_s if self.node.vm_hop
-                 else config.local_latency_s) + 8.0 * length / \
-            config.local_bps
+        delay = config.local_latency_s + 8.0 * length / config.local_bps
+        if self.node.through_template:
+            delay += config.hit_penalty_s
+        if self.missed[index]:
+            delay += config.miss_penalty_s
         self.sim.at(self.sim.now + delay, self._read_done, index)
 
     def _read_done(self, index):
@@ -306,7 +313,10 @@ def simulate(config, workload, parent_of=None):
         else:
             parent_of = {'h%d' % i: tree_mod.ORIGIN
                          for i in range(1, config.hosts + 1)}
-    root = tree_mod.classes(parent_of, lump=config.lump)
+    # Hosts with their own start times are not alike any more.
+    lump = config.lump and not (config.host_setup_s or
+                                config.host_vm_start_s)
+    root = tree_mod.classes(parent_of, lump=lump)
     sim = Simulator()
     origin = Node(sim, config, workload, root, None)
     nodes = [origin]
@@ -326,22 +336,24 @@ def simulate(config, workload, parent_of=None):
     if mode == 'p2p-copy':
         copy_s = _p2p_copy_s(config, workload.image_bytes)
     for node in nodes[1:]:
+        # A class's first host names its start times (all are alike).
+        host = node.cls.hosts[0]
+        setup, vm_start = config.setup_of(host), config.vm_start_of(host)
         if mode == 'full-copy':
-            sim.at(config.setup_s, _full_copy, sim, node, workload, config,
-                   boot)
+            sim.at(setup, _full_copy, sim, node, workload, vm_start, boot)
         elif mode == 'p2p-copy':
             node.fill()
-            sim.at(config.setup_s + copy_s + config.vm_start_s, boot, node)
+            sim.at(setup + copy_s + vm_start, boot, node)
         else:
             if mode == 'thunder-prefetch':
-                sim.at(config.setup_s, Prefetcher(
+                sim.at(setup, Prefetcher(
                     node, workload, config.prefetch_concurrency).start)
-            sim.at(config.setup_s + config.vm_start_s, boot, node)
+            sim.at(setup + vm_start, boot, node)
     sim.run()
     latencies = []
     for when, weight in finished:
         latencies += [when] * weight
-    wire = 1.0 / config.efficiency
+    wire = 1.0 + config.header_overhead
     if mode == 'p2p-copy':
         # The fluid model: the origin uploads the image about once.
         origin_bytes = workload.image_bytes * wire
@@ -370,10 +382,10 @@ def simulate(config, workload, parent_of=None):
         wall_s=time.monotonic() - started)
 
 
-def _full_copy(sim, node, workload, config, boot):
+def _full_copy(sim, node, workload, vm_start_s, boot):
     def copied():
         node.fill()
-        sim.at(sim.now + config.vm_start_s, boot, node)
+        sim.at(sim.now + vm_start_s, boot, node)
     node.parent.link.send(node, workload.image_bytes, copied)
 
 

@@ -32,16 +32,33 @@ class SimConfig:
     chunk_bytes: int = 65536
     # Largest request a cache sends to its parent (longer runs split).
     max_request: int = 16 * MIB
-    # Payload share of a link's rate (TCP/IP and NBD headers).
-    efficiency: float = 0.955
-    # Fixed delay an NBD request costs at each hop (round trip, server
-    # work), a VM's read of its template included.
+    # Payload share of a link's rate a TCP stream gets through the shaper.
+    efficiency: float = 0.97
+    # Header bytes counted on a link per payload byte (with segmentation
+    # offload, the counters see few, large packets).
+    header_overhead: float = 0.003
+    # Fixed delay a cache's request to its parent costs per hop (round
+    # trip, server work).
     request_latency_s: float = 0.0005
+    # The same for a request the origin serves.
+    origin_latency_s: float = 0.0005
+    # Extra delay of a VM read that missed its host's cache, on top of
+    # the fetch: the reply's path back through the template's NBD server
+    # (a delayed-ACK stall of tens of ms with QEMU 7.2's server over
+    # TCP, which does not set TCP_NODELAY).
+    miss_penalty_s: float = 0.0
+    # Extra delay of every VM read through a template's NBD export (the
+    # modes with agents), hit or miss.
+    hit_penalty_s: float = 0.0
     # Host ready (template or download started) after storm start.
     setup_s: float = 0.0
     # From host ready (or copy complete) to the VM issuing its first read.
     vm_start_s: float = 0.0
-    # A VM's read of a local copy (full-copy and p2p-copy modes).
+    # Per-host values of the two above, {host: seconds}, e.g. measured by
+    # the benchmark; hosts then get one class each (no lumping).
+    host_setup_s: dict = None
+    host_vm_start_s: dict = None
+    # A VM's read served by its host (a local copy, or a cache hit).
     local_latency_s: float = 0.0001
     local_bps: float = 8e9
     prefetch_concurrency: int = 4
@@ -67,11 +84,21 @@ class SimConfig:
                 reason='origin_bandwidth_bps must be > 0')
         if not 0 < self.efficiency <= 1:
             raise exception.InvalidInput(reason='efficiency in (0, 1]')
-        for name in ('request_latency_s', 'setup_s', 'vm_start_s',
+        if not 0 <= self.header_overhead < 1:
+            raise exception.InvalidInput(reason='header_overhead in [0, 1)')
+        for name in ('request_latency_s', 'origin_latency_s',
+                     'miss_penalty_s', 'hit_penalty_s', 'setup_s',
+                     'vm_start_s',
                      'local_latency_s'):
             if getattr(self, name) < 0:
                 raise exception.InvalidInput(reason='%s must be >= 0' % name)
         return self
+
+    def setup_of(self, host):
+        return (self.host_setup_s or {}).get(host, self.setup_s)
+
+    def vm_start_of(self, host):
+        return (self.host_vm_start_s or {}).get(host, self.vm_start_s)
 
     @property
     def origin_bps(self):

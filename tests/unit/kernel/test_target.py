@@ -20,7 +20,7 @@ SHOW = """Target 1: iqn.2010-10.org.openstack.thunder:origin:img1
             Readonly: No
             Backing store type: null
             Backing store path: None
-            Backing store flags: 
+            Backing store flags:
         LUN: 1
             Type: disk
             SCSI ID: thunder-1a2b3c4d5e6f7a8b

@@ -61,7 +61,7 @@ def test_compare_prints_errors(tmp_path, capsys):
     out = tmp_path / 'cmp.json'
     assert sim_cmd.main(['compare', str(bench), '--json', str(out)]) == 0
     printed = capsys.readouterr().out
-    assert 'fitted on thunder H=1' in printed
+    assert '(fitted on thunder H=1)' in printed
     assert 'storm_s' in printed and 'origin_bytes' in printed
     rows = json.load(open(out))['records']
     assert [(r['mode'], r['hosts']) for r in rows] == [
