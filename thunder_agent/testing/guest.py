@@ -21,6 +21,7 @@ import time
 
 from thunder_agent import exception
 from thunder_agent.testing import guest_image
+from thunder_agent.trace import image_info
 
 QEMU = 'qemu-system-x86_64'
 QEMU_IMG = 'qemu-img'
@@ -58,18 +59,6 @@ class BootResult:
     def ok(self):
         return self.marker_seen and not self.timed_out and \
             self.returncode == 0
-
-
-def image_info(path):
-    """``qemu-img info`` of an image file (its backing is not opened)."""
-    if not shutil.which(QEMU_IMG):
-        raise exception.ToolNotFound(program=QEMU_IMG, package='qemu-utils')
-    proc = subprocess.run([QEMU_IMG, 'info', '-U', '--output=json', path],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise exception.InvalidInput(
-            reason='cannot read image %s: %s' % (path, proc.stderr.strip()))
-    return json.loads(proc.stdout)
 
 
 def detect_format(path):
