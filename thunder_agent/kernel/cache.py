@@ -7,11 +7,11 @@ the origin's backing loop device while the image is read twice in full
 (A's own snapshot, then A's template as a child reads it), in images:
 
 =============================  =========================================
-bcache (writearound,           1.04, 1.07, 1.06 (8 MiB image, three runs);
-sequential_cutoff 0, no        1.003, 1.018, 1.027 in the full relay
+bcache (writearound,           1.03 to 1.07 (8 MiB image, six runs);
+sequential_cutoff 0, no        1.002 to 1.027 in the full relay
 congestion bypass, 1 GiB       origin -> A -> B with both snapshots read
-sparse cache, 64 KiB buckets)  (32 MiB image)
-dm-cache smq writethrough      2.29, 2.45, 2.43: smq promotes a block only
+sparse cache, 64 KiB buckets)  (32 MiB image, six runs)
+dm-cache smq writethrough      2.29 to 2.63: smq promotes a block only
 (64 KiB blocks)                after repeated hits, and each promotion
                                reads it from the origin once more
 dm-cache smq passthrough       2.00: it never caches reads
