@@ -1,21 +1,18 @@
 """The VMs of one emulated host, run inside the host's network namespace.
 
 A template's exports and a snapshot's backing live on the host's cluster
-address, so a VM (or a prefetch) has to run where the host's network is.
+address, so a VM has to run where the host's network is.
 The benchmark starts one runner per host before the storm and feeds it
 commands, one JSON object per line on stdin::
 
-    {"cmd": "prefetch", "export": {...}, "granularity": G,
-     "concurrency": C}
     {"cmd": "vm", "name": N, "connection_info": {...}}
 
 and reads events, one JSON object per line on stdout::
 
     {"event": "ready"}
     {"event": "vm", "name": N, "ok": true, "boot_s": S, ...}
-    {"event": "prefetch", "status": {...}}
 
-On end of input the runner waits for its VMs and prefetch, then exits.
+On end of input the runner waits for its VMs, then exits.
 """
 
 import argparse
@@ -25,7 +22,6 @@ import sys
 import threading
 
 from thunder_agent.bench import vm as vm_mod
-from thunder_agent import prefetch
 from thunder_agent import trace as trace_mod
 
 _out_lock = threading.Lock()
@@ -52,18 +48,6 @@ def _vm(args, trace, command):
     emit(event='vm', **dataclasses.asdict(result))
 
 
-def _prefetch(trace, command):
-    try:
-        engine = prefetch.TracePrefetcher(
-            prefetch.NbdAddress.from_export(command['export']), trace,
-            granularity=command.get('granularity', 65536),
-            concurrency=command.get('concurrency', 4))
-        status = engine.run()
-    except Exception as e:
-        status = {'state': 'failed', 'error': repr(e)}
-    emit(event='prefetch', status=status)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='thunder_agent.bench.host_runner')
     parser.add_argument('--trace', required=True)
@@ -81,14 +65,11 @@ def main(argv=None):
         if not line.strip():
             continue
         command = json.loads(line)
-        if command['cmd'] == 'vm':
-            target = (_vm, (args, trace, command))
-        elif command['cmd'] == 'prefetch':
-            target = (_prefetch, (trace, command))
-        else:
-            emit(event='error', error='unknown command %r' % command['cmd'])
+        if command.get('cmd') != 'vm':
+            emit(event='error', error='unknown command %r'
+                 % command.get('cmd'))
             continue
-        thread = threading.Thread(target=target[0], args=target[1])
+        thread = threading.Thread(target=_vm, args=(args, trace, command))
         thread.start()
         threads.append(thread)
     for thread in threads:

@@ -1,9 +1,12 @@
 """Run boot storms on the emulated cluster, mode after mode.
 
-For every number of hosts H and every mode, a fresh emulated cluster (H
-compute hosts and an origin host, links shaped to W) is started; at time 0
-every host starts getting the image its mode's way and boots V VMs; the
-storm ends when the last VM has booted. Modes:
+For every number of hosts H, an emulated cluster (H compute hosts and an
+origin host, links shaped to W, a thunder-agent per host) is started and
+the modes run on it one after the other (``direct`` on a second one whose
+coordinator puts every host under the origin); each storm uses a new image
+id, so nothing cached carries over. At time 0 every host starts getting
+the image its mode's way and boots V VMs; the storm ends when the last VM
+has booted. Modes:
 
 ``full-copy``
     each host downloads the whole image over HTTP (nginx on the origin
@@ -18,20 +21,24 @@ storm ends when the last VM has booted. Modes:
     thunder agents with the relay tree (k-ary, one child under the origin)
     and copy-on-read caches;
 ``thunder-prefetch``
-    the same, with a trace prefetch started on each template as soon as it
-    exists, running ahead of the VMs.
+    the same, with the image's boot trace in the agents' trace directory:
+    each agent starts a trace prefetch as soon as it has created the
+    template, ahead of the VMs (the agent's own ``[prefetch]`` path).
 
 The VMs are trace replayers or real QEMU guests (:mod:`.vm`). Bytes per
 link come from the cluster's link counters; the origin's are what its link
 sent.
 """
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -41,11 +48,14 @@ from thunder_agent.bench import metrics
 from thunder_agent.bench import torrent
 from thunder_agent.bench import vm as vm_mod
 from thunder_agent import exception
+from thunder_agent import origin as origin_mod
 from thunder_agent.testing import cluster as cluster_mod
 
 MIB = 1 << 20
 # Fan-out that puts every host directly under the origin.
 DIRECT_FAN_OUT = 1024
+# Ports of the per-storm origin servers on the origin host.
+ORIGIN_PORT_BASE = 10900
 
 
 @dataclasses.dataclass
@@ -222,7 +232,7 @@ def _join(threads, timeout):
 class HostVMs:
     """The benchmark's end of one host's runner process
     (:mod:`thunder_agent.bench.host_runner`), which runs the host's VMs
-    and prefetch inside the host's network namespace."""
+    inside the host's network namespace."""
 
     def __init__(self, storm, host, trace_path, workdir):
         self.storm = storm
@@ -267,12 +277,6 @@ class HostVMs:
                 with self.cond:
                     self.finished += 1
                     self.cond.notify_all()
-            elif event.get('event') == 'prefetch':
-                status = event['status']
-                self.storm.prefetch[self.host.name] = {
-                    k: status.get(k) for k in (
-                        'state', 'bytes_done', 'bytes_total', 'elapsed_s',
-                        'method', 'error')}
         with self.cond:
             self.cond.notify_all()
 
@@ -284,12 +288,6 @@ class HostVMs:
         with self.cond:
             self.sent += 1
         self._send(cmd='vm', name=name, connection_info=connection_info)
-
-    def prefetch(self, export):
-        config = self.storm.config
-        self._send(cmd='prefetch', export=export,
-                   granularity=config.chunk_bytes,
-                   concurrency=config.prefetch_concurrency)
 
     def wait(self, timeout):
         """Until every VM sent so far reported; False on timeout."""
@@ -304,7 +302,7 @@ class HostVMs:
         return True
 
     def close(self, timeout=60):
-        """End of input: the runner finishes (prefetch included), exits."""
+        """End of input: the runner finishes its VMs and exits."""
         try:
             self.proc.stdin.close()
         except OSError:
@@ -405,9 +403,34 @@ def _run_copy(storm, cluster, workdir):
     return storm_s, metrics.link_bytes(before, after), {}
 
 
-def _run_thunder(storm, tc, workdir):
+def _run_thunder(storm, tc, image_id, workdir):
+    """direct, thunder, thunder-prefetch: templates for a new image id,
+    snapshots, VMs. The origin host serves the image under that id (relay
+    trees identify the image by the origin's export name) from a second
+    origin server, next to the cluster's own."""
     config = storm.config
-    with_prefetch = storm.mode == 'thunder-prefetch'
+    origin_host = tc.cluster.origin
+    origin = origin_mod.OriginServer(
+        config.image, 'raw', image_id,
+        {'type': 'inet', 'host': origin_host.address,
+         'port': _next_origin_port()},
+        os.path.join(workdir, 'origin'), name='origin',
+        netns=origin_host.netns).start()
+    try:
+        return _storm_on_agents(storm, tc, origin, image_id, workdir)
+    finally:
+        origin.stop()
+
+
+_origin_ports = itertools.count(ORIGIN_PORT_BASE)
+
+
+def _next_origin_port():
+    return next(_origin_ports)
+
+
+def _storm_on_agents(storm, tc, origin, image_id, workdir):
+    config = storm.config
     runners = _start_runners(storm, tc.cluster.hosts, workdir)
     try:
         storm.t0 = time.monotonic()
@@ -418,21 +441,17 @@ def _run_thunder(storm, tc, workdir):
             runner = runners[name]
             storm.progress.set_phase(name, 'template')
             try:
-                status = agent.client.prepare_template(
-                    tc.image_id, tc.origin_connection(), tc.size, 'raw')
+                agent.client.prepare_template(
+                    image_id, origin.connection(), tc.size, 'raw')
             except Exception as e:
                 storm.fail(name, 'prepare_template: %s' % e)
                 return
             storm.host_times[name] = storm.elapsed()
-            if with_prefetch:
-                # Ahead of the VMs: the template exists, the VM's disk
-                # (snapshot) is still being made.
-                runner.prefetch(status['export'])
             storm.progress.set_phase(name, 'booting')
             for index in range(config.vms_per_host):
                 vm_name = '%s-vm%d' % (name, index)
                 try:
-                    conn = agent.client.create_snapshot(tc.image_id,
+                    conn = agent.client.create_snapshot(image_id,
                                                         str(uuid.uuid4()))
                 except Exception as e:
                     storm.fail(vm_name, 'create_snapshot: %s' % e, vms=1)
@@ -440,6 +459,8 @@ def _run_thunder(storm, tc, workdir):
                 runner.boot(vm_name, conn)
             runner.wait(config.vm_timeout)
             storm.progress.set_phase(name, 'done')
+            if storm.mode == 'thunder-prefetch':
+                storm.prefetch[name] = _agent_prefetch(agent, image_id)
 
         threads = _threads([lambda n=n: host_job(n)
                             for n in sorted(tc.agents)])
@@ -452,23 +473,45 @@ def _run_thunder(storm, tc, workdir):
             runner.close()
     extra = {}
     try:
-        tree = tc.tree()
+        tree = tc.coordinator.client.get_tree(image_id)
         extra['tree_height'] = tree.get('height')
         extra['tree'] = {node: (entry.get('parents') or [None])[0]
                          for node, entry in tree.get('nodes', {}).items()}
     except Exception as e:
         extra['tree_height'] = None
         storm.errors.append('tree: %s' % e)
-    try:
-        extra['origin_payload_bytes'] = tc.origin.bytes_read()
-    except Exception:
-        pass
     if storm.prefetch:
         extra['prefetch'] = dict(sorted(storm.prefetch.items()))
     return storm_s, metrics.link_bytes(before, after), extra
 
 
+def _agent_prefetch(agent, image_id):
+    """What the agent's own trace prefetch of the template did."""
+    try:
+        for template in agent.client.get_status()['templates']:
+            if template['image_id'] == image_id:
+                status = template.get('prefetch') or {}
+                jobs = status.get('jobs') or [{}]
+                return {'state': status.get('state'),
+                        'bytes_done': status.get('bytes_done'),
+                        'bytes_total': status.get('bytes_total'),
+                        'elapsed_s': jobs[0].get('elapsed_s'),
+                        'method': jobs[0].get('method'),
+                        'error': jobs[0].get('error')}
+    except Exception as e:
+        return {'state': 'unknown', 'error': str(e)}
+    return {'state': 'none'}
+
+
 # -- the benchmark --
+
+
+@dataclasses.dataclass
+class _Testbed:
+    cluster: object             # the emulated network (cluster.Cluster)
+    tc: object                  # ThunderCluster, when agents run
+    traces: str                 # the agents' trace directory
+
 
 class Bench:
     """Runs the configured storms; :meth:`run` returns the records."""
@@ -532,15 +575,72 @@ class Bench:
                 self.say('starting a private RabbitMQ on loopback')
                 self.rabbit = rabbitmq.RabbitMQ().start()
             for hosts in self.config.hosts:
-                for mode in self.config.modes:
-                    self.records.append(self.run_one(mode, hosts))
+                self._run_hosts(hosts)
         finally:
             if self.rabbit is not None:
                 self.rabbit.stop()
                 self.rabbit = None
         return self.records
 
-    def run_one(self, mode, hosts):
+    def _run_hosts(self, hosts):
+        """Every mode at *hosts*: the copies and the relay-tree modes share
+        one cluster (with its agents, when a relay-tree mode runs);
+        ``direct`` needs a coordinator of its own (all under the origin).
+        Each storm uses a new image id, so no cache carries over."""
+        modes = self.config.modes
+        shared = [m for m in modes if m != 'direct']
+        results = {}
+        workdir = os.path.join(self.config.workdir, 'h%d-%s' % (
+            hosts, uuid.uuid4().hex[:6]))
+        os.makedirs(workdir)
+        try:
+            if shared:
+                agents = bool(set(shared) & {'thunder', 'thunder-prefetch'})
+                with self._testbed(hosts, workdir, agents) as bed:
+                    for mode in shared:
+                        results[mode] = self.run_one(mode, hosts, bed)
+            if 'direct' in modes:
+                with self._testbed(hosts, workdir, True, direct=True) as bed:
+                    results['direct'] = self.run_one('direct', hosts, bed)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.records += [results[m] for m in modes]
+
+    @contextlib.contextmanager
+    def _testbed(self, hosts, workdir, agents, direct=False):
+        config = self.config
+        label = 'H=%d%s' % (hosts, ' (all under the origin)' if direct
+                            else '')
+        if not agents:
+            self.say('%s: starting the cluster' % label)
+            with cluster_mod.Cluster(
+                    hosts=hosts,
+                    bandwidth_bps=int(config.bandwidth_bps)) as cluster:
+                yield _Testbed(cluster, None, None)
+            return
+        from thunder_agent.testing import thunder_cluster
+        self.say('%s: starting the cluster with %d agents'
+                 % (label, hosts))
+        options = {}
+        fan_out = config.fan_out
+        if direct:
+            fan_out = DIRECT_FAN_OUT
+            options = {'coordinator': {'origin_fan_out': DIRECT_FAN_OUT}}
+        # An agent prefetches an image whose trace is in its trace
+        # directory: thunder-prefetch puts it there, under its image id.
+        traces = tempfile.mkdtemp(prefix='traces-', dir=workdir)
+        agent_options = {
+            'cache': {'cluster_size': config.chunk_bytes},
+            'prefetch': {'trace_dir': traces,
+                         'concurrency': config.prefetch_concurrency}}
+        with thunder_cluster.ThunderCluster(
+                hosts=hosts, image=config.image,
+                bandwidth_mbit=config.bandwidth_mbit, fan_out=fan_out,
+                coordinator_options=options, agent_options=agent_options,
+                rabbit=self.rabbit) as tc:
+            yield _Testbed(tc.cluster, tc, traces)
+
+    def run_one(self, mode, hosts, bed):
         config = self.config
         workdir = os.path.join(config.workdir,
                                '%s-%d-%s' % (mode, hosts,
@@ -549,36 +649,20 @@ class Bench:
         storm = Storm(config, mode, hosts, self.expected)
         storm.trace_path = self.trace_path
         label = '%s H=%d' % (mode, hosts)
-        self.say('%s: starting the cluster' % label)
         total = hosts * config.vms_per_host
         try:
-            if mode in ('full-copy', 'p2p-copy'):
-                with cluster_mod.Cluster(
-                        hosts=hosts,
-                        bandwidth_bps=int(config.bandwidth_bps)) as cluster:
-                    with Progress(label, total, cluster.counters) as p:
-                        storm.progress = p
-                        storm_s, links, extra = _run_copy(storm, cluster,
-                                                          workdir)
-            else:
-                from thunder_agent.testing import thunder_cluster
-                fan_out = config.fan_out
-                options = {}
-                if mode == 'direct':
-                    fan_out = DIRECT_FAN_OUT
-                    options = {'coordinator': {
-                        'origin_fan_out': DIRECT_FAN_OUT}}
-                with thunder_cluster.ThunderCluster(
-                        hosts=hosts, image=config.image,
-                        bandwidth_mbit=config.bandwidth_mbit,
-                        fan_out=fan_out, coordinator_options=options,
-                        agent_options={'cache': {
-                            'cluster_size': config.chunk_bytes}},
-                        rabbit=self.rabbit) as tc:
-                    with Progress(label, total, tc.cluster.counters) as p:
-                        storm.progress = p
-                        storm_s, links, extra = _run_thunder(storm, tc,
-                                                             workdir)
+            with Progress(label, total, bed.cluster.counters) as p:
+                storm.progress = p
+                if mode in ('full-copy', 'p2p-copy'):
+                    storm_s, links, extra = _run_copy(storm, bed.cluster,
+                                                      workdir)
+                else:
+                    image_id = str(uuid.uuid4())
+                    if mode == 'thunder-prefetch':
+                        shutil.copyfile(self.trace_path, os.path.join(
+                            bed.traces, image_id + '.trace'))
+                    storm_s, links, extra = _run_thunder(
+                        storm, bed.tc, image_id, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return self._record(storm, storm_s, links, extra)
@@ -589,6 +673,9 @@ class Bench:
         failed = sum(1 for _, r in storm.results if not r.ok)
         missing = storm.hosts * config.vms_per_host - len(storm.results)
         depth = metrics.kary_depth(storm.hosts, config.fan_out)
+        if latencies and not missing:
+            # Start to the last VM booted (not to the end of bookkeeping).
+            storm_s = latencies[-1]
         record = {
             'mode': storm.mode,
             'hosts': storm.hosts,
