@@ -65,7 +65,7 @@ class Upstream:
         self.stop()
         target = self.describe(source)
         if target.startswith('TCP:'):
-            target += ',connect-timeout=%d' % self.connect_timeout
+            target += ',connect-timeout=%d,nodelay' % self.connect_timeout
         cmd = [SOCAT, '-lf', self.log_path,
                'UNIX-LISTEN:%s,fork,unlink-early,mode=600' % self.socket,
                target]

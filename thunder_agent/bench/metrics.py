@@ -48,6 +48,25 @@ def bound_s(warm_boot_s, working_set_bytes, bandwidth_bps, depth,
     return max(warm_boot_s, transfer)
 
 
+def cpu_times(path='/proc/stat'):
+    """(busy, total) jiffies of all CPUs of this machine."""
+    with open(path) as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is in user)
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def cpu_busy(before, after):
+    """Fraction of the machine's CPU time spent busy between two
+    :func:`cpu_times` readings: a storm that saturates the CPUs measures
+    the machine, not the data path."""
+    busy = after[0] - before[0]
+    total = after[1] - before[1]
+    return round(busy / total, 3) if total > 0 else None
+
+
 def link_bytes(before, after):
     """{host: [sent, received]} between two counter snapshots."""
     return {name: [after[name].tx_bytes - before[name].tx_bytes,

@@ -20,6 +20,7 @@ COLUMNS = (
     ('origin MiB', 'origin_bytes', '%10.1f'),
     ('x WS', None, '%6.2f'),
     ('max link MiB', 'max_link_bytes', '%12.1f'),
+    ('CPU %', 'cpu_busy', '%5.0f'),
     ('data', 'checksums_ok', '%4s'),
 )
 
@@ -37,6 +38,8 @@ def _cell(record, key, fmt, header):
         return '-'
     if key in ('origin_bytes', 'max_link_bytes'):
         value = value / MIB
+    if key == 'cpu_busy':
+        value = 100.0 * value
     if key == 'checksums_ok':
         value = 'ok' if value else 'BAD'
     return fmt % value

@@ -650,6 +650,7 @@ class Bench:
         storm.trace_path = self.trace_path
         label = '%s H=%d' % (mode, hosts)
         total = hosts * config.vms_per_host
+        cpu_before = metrics.cpu_times()
         try:
             with Progress(label, total, bed.cluster.counters) as p:
                 storm.progress = p
@@ -663,6 +664,8 @@ class Bench:
                             bed.traces, image_id + '.trace'))
                     storm_s, links, extra = _run_thunder(
                         storm, bed.tc, image_id, workdir)
+            extra['cpu_busy'] = metrics.cpu_busy(cpu_before,
+                                                 metrics.cpu_times())
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return self._record(storm, storm_s, links, extra)
@@ -683,6 +686,7 @@ class Bench:
             'vms': storm.hosts * config.vms_per_host,
             'vm': config.vm,
             'bandwidth_mbit': config.bandwidth_mbit,
+            'link_burst_s': cluster.SHAPER_BURST_S,
             'fan_out': (config.fan_out if storm.mode != 'direct'
                         else DIRECT_FAN_OUT),
             'storm_s': round(storm_s, 3),

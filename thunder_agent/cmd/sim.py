@@ -84,6 +84,7 @@ def _run(args):
                 request_latency_s=args.request_latency_ms / 1000.0,
                 miss_penalty_s=args.miss_penalty_ms / 1000.0,
                 hit_penalty_s=args.hit_penalty_ms / 1000.0,
+                link_burst_s=args.link_burst_ms / 1000.0,
                 setup_s=args.setup_s, vm_start_s=args.vm_start_s,
                 prefetch_concurrency=args.prefetch_concurrency,
                 lump=not args.no_lump)
@@ -210,6 +211,9 @@ def _parser():
                      help='extra delay of a VM read through a template')
     run.add_argument('--miss-penalty-ms', type=float, default=0.0,
                      help='extra delay of a VM read that missed its cache')
+    run.add_argument('--link-burst-ms', type=float, default=0.0,
+                     help='bucket of each link\'s shaper, in ms of its '
+                          'rate (thunder-bench\'s links: 10)')
     run.add_argument('--setup-s', type=float, default=0.5,
                      help='template (or download) start after storm start')
     run.add_argument('--vm-start-s', type=float, default=0.3)

@@ -15,6 +15,7 @@ import statistics
 
 from thunder_agent.sim import engine
 from thunder_agent.sim import model
+from thunder_agent.testing import cluster
 
 METRICS = ('storm_s', 'p50_s', 'p99_s', 'origin_bytes', 'max_link_bytes')
 AGENT_MODES = ('direct', 'thunder', 'thunder-prefetch')
@@ -53,6 +54,7 @@ def config_for(record, trace, penalties=(0.0, 0.0)):
         origin_fan_out=1,
         chunk_bytes=record.get('chunk_bytes', 65536),
         hit_penalty_s=hit, miss_penalty_s=miss,
+        link_burst_s=record.get('link_burst_s', cluster.SHAPER_BURST_S),
         setup_s=_median(host_setup.values()),
         vm_start_s=_median(host_vm_start.values()),
         host_setup_s=host_setup or None,

@@ -3,7 +3,9 @@
 Links are fluid and fair: each host has an uplink and a downlink of the
 configured rate; the transfers on an uplink share it equally (weighted by
 how many hosts a class stands for), each also capped by its receiver's
-downlink share. A transfer's rate changes only when a transfer starts or
+downlink share. An uplink is a token bucket like the emulated links' TBF
+shapers: while idle it saves up to ``link_burst_s`` of its rate, and a
+transfer that starts on an idle link sends that much at once. A transfer's rate changes only when a transfer starts or
 ends on its link, so events are transfer starts and ends, requests, and
 the VMs' reads.
 
@@ -64,10 +66,13 @@ class Flow:
 class Link:
     """A host's uplink: the transfers it sends, fairly shared."""
 
-    def __init__(self, sim, node, rate):
+    def __init__(self, sim, node, rate, burst=0.0):
         self.sim = sim
         self.node = node
         self.rate = rate                # payload bytes per second
+        self.burst = burst              # bucket size, bytes
+        self.tokens = burst
+        self.idle_since = 0.0
         self.flows = []
         self.last = 0.0
         self.version = 0
@@ -76,6 +81,13 @@ class Link:
     def send(self, dst, size, on_done):
         self._advance()
         flow = Flow(dst, size, dst.per_parent, on_done)
+        if not self.flows and self.burst:
+            # A busy link drains its bucket; an idle one refills it.
+            self.tokens = min(self.burst, self.tokens + self.rate * (
+                self.sim.now - self.idle_since))
+            taken = min(self.tokens, size * flow.weight)
+            self.tokens -= taken
+            flow.remaining -= taken / flow.weight
         self.flows.append(flow)
         self.into[dst] = self.into.get(dst, 0) + 1
         self._reschedule()
@@ -109,6 +121,8 @@ class Link:
             self._reschedule()
             return
         self.flows = [f for f in self.flows if f.remaining > DONE_BYTES]
+        if not self.flows:
+            self.idle_since = self.sim.now
         for flow in done:
             self.into[flow.dst] -= 1
             if not self.into[flow.dst]:
@@ -135,7 +149,8 @@ class Node:
         self.per_parent = 1 if self.is_origin else cls.per_parent
         payload = config.efficiency / 8.0
         up = config.origin_bps if self.is_origin else config.bandwidth_bps
-        self.link = Link(sim, self, up * payload)
+        self.link = Link(sim, self, up * payload,
+                         burst=up / 8.0 * config.link_burst_s)
         self.down_rate = config.bandwidth_bps * payload
         n = len(workload.units)
         self.state = bytearray([PRESENT] * n if self.is_origin else n)

@@ -37,15 +37,20 @@ class SimConfig:
     # Header bytes counted on a link per payload byte (with segmentation
     # offload, the counters see few, large packets).
     header_overhead: float = 0.003
+    # Bucket of a link's shaper, in seconds of its rate: what an idle link
+    # sends at once (the emulated links' TBF burst is 10 ms of the rate).
+    # Hosts lumped into a class share the bucket evenly and stay in step,
+    # so with a bucket, lumping is an approximation (compare does not
+    # lump).
+    link_burst_s: float = 0.0
     # Fixed delay a cache's request to its parent costs per hop (round
     # trip, server work).
     request_latency_s: float = 0.0005
     # The same for a request the origin serves.
     origin_latency_s: float = 0.0005
     # Extra delay of a VM read that missed its host's cache, on top of
-    # the fetch: the reply's path back through the template's NBD server
-    # (a delayed-ACK stall of tens of ms with QEMU 7.2's server over
-    # TCP, which does not set TCP_NODELAY).
+    # the fetch: the copy-on-read write and the reply's path back through
+    # the template's NBD server.
     miss_penalty_s: float = 0.0
     # Extra delay of every VM read through a template's NBD export (the
     # modes with agents), hit or miss.
@@ -88,6 +93,7 @@ class SimConfig:
             raise exception.InvalidInput(reason='header_overhead in [0, 1)')
         for name in ('request_latency_s', 'origin_latency_s',
                      'miss_penalty_s', 'hit_penalty_s', 'setup_s',
+                     'link_burst_s',
                      'vm_start_s',
                      'local_latency_s'):
             if getattr(self, name) < 0:

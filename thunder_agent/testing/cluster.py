@@ -63,6 +63,8 @@ ETH_P_ALL = 0x0003
 INGRESS = 0xffff0000
 # Queueing a shaper allows before dropping; like a switch port buffer.
 SHAPER_LATENCY = '100ms'
+# TBF bucket in seconds of the rate: what an idle link sends at once.
+SHAPER_BURST_S = 0.01
 
 
 class ClusterError(exception.NetworkSetupError):
@@ -478,7 +480,7 @@ def _up(ipr, ifname):
 def _tbf(ipr, index, bps):
     rate = int(bps) // 8
     # Burst: 10 ms worth of traffic but at least a few full frames.
-    burst = max(rate // 100, 16 * 1514)
+    burst = max(int(rate * SHAPER_BURST_S), 16 * 1514)
     ipr.tc('add', 'tbf', index=index, handle=0x10000, rate=rate,
            burst=burst, latency=SHAPER_LATENCY)
 

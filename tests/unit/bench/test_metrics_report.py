@@ -173,3 +173,22 @@ def test_progress_line():
     assert 'VMs booted 2/4 (1 failed)' in line
     assert 'origin sent 3.0 MiB' in line
     assert 'booting:1 template:1' in line
+
+
+def test_cpu_busy_counts_idle_and_iowait_as_idle(tmp_path):
+    stat = tmp_path / 'stat'
+    # user nice system idle iowait irq softirq steal
+    stat.write_text('cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n')
+    before = metrics.cpu_times(str(stat))
+    assert before == (150, 1000)
+    stat.write_text('cpu  400 0 150 1100 150 0 0 0 0 0\n')
+    after = metrics.cpu_times(str(stat))
+    assert metrics.cpu_busy(before, after) == 0.5
+    assert metrics.cpu_busy(after, after) is None
+
+
+def test_table_shows_cpu_busy():
+    text = report.table([record(cpu_busy=0.973)])
+    header, _, row = text.splitlines()[:3]
+    assert 'CPU %' in header
+    assert row.split()[-2] == '97'

@@ -158,8 +158,8 @@ def test_compare_recovers_a_known_request_delay(workload):
             config = model.SimConfig(
                 mode=mode, hosts=hosts, bandwidth_bps=W,
                 hit_penalty_s=0.002, miss_penalty_s=0.007, setup_s=setup,
-                vm_start_s=0.2,
-                local_latency_s=0.0002)
+                vm_start_s=0.2, link_burst_s=0.01,
+                local_latency_s=0.0002, lump=False)
             result = engine.simulate(config, workload)
             boot = result.storm_s - setup - 0.2
             ready = {'h%d' % i: setup for i in range(1, hosts + 1)}
@@ -170,7 +170,7 @@ def test_compare_recovers_a_known_request_delay(workload):
             records.append({
                 'mode': mode, 'hosts': hosts, 'vms': hosts,
                 'vms_per_host': 1, 'bandwidth_mbit': W / 1e6,
-                'fan_out': 2, 'chunk_bytes': 65536,
+                'fan_out': 2, 'chunk_bytes': 65536, 'link_burst_s': 0.01,
                 'storm_s': result.storm_s, 'p50_s': result.p50_s,
                 'p99_s': result.p99_s, 'origin_bytes': result.origin_bytes,
                 'max_link_bytes': result.max_link_bytes,
@@ -188,3 +188,26 @@ def test_compare_recovers_a_known_request_delay(workload):
     worst = compare.summary(rows)
     for key, value in worst.items():
         assert value['max_error'] < 0.01, (key, value)
+
+
+def test_idle_link_sends_its_bucket_at_once():
+    """A shaped link that was idle sends up to its bucket instantly, then
+    at its rate; a busy link has no bucket left."""
+    sim = engine.Simulator()
+    rate = 1e6
+    sender = type('N', (), {'tx_bytes': 0})()
+    receiver = type('N', (), {'rx_bytes': 0, 'per_parent': 1,
+                              'down_rate': 1e9})()
+    link = engine.Link(sim, sender, rate, burst=10000)
+    done = []
+    link.send(receiver, 8000, lambda: done.append(('small', sim.now)))
+    sim.run()
+    assert done == [('small', 0.0)]
+    # 2000 bytes were left and 2 ms idle saved 2000 more: the other
+    # 26000 take 26 ms.
+    sim.at(0.002, link.send, receiver, 30000,
+           lambda: done.append(('large', sim.now)))
+    sim.run()
+    assert done[1][0] == 'large'
+    assert done[1][1] == pytest.approx(0.002 + 0.026)
+    assert sender.tx_bytes == 38000 and receiver.rx_bytes == 38000
