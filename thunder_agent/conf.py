@@ -125,6 +125,14 @@ relay_opts = [
                help='Consecutive failed probes (one per housekeeping run) '
                     'after which the parent is reported as failed and the '
                     'template re-parented.'),
+    cfg.FloatOpt('parent_ready_timeout', default=30.0, min=0,
+                 help='Seconds a new template waits for its parent to '
+                      'serve before building its own graph anyway. A '
+                      'parent that joined the tree a moment ago may still '
+                      'be building its template, and QEMU\'s NBD client '
+                      'retries a refused connection only after 1, 2, 4... '
+                      'seconds; polling here lets each tree level start as '
+                      'soon as the one above serves. 0: do not wait.'),
 ]
 
 coordinator_group = cfg.OptGroup('coordinator', title='Relay tree coordinator')

@@ -40,7 +40,8 @@ class InvalidSize(InvalidInput):
 
 
 class UnsupportedFormat(InvalidInput):
-    msg_fmt = "Unsupported image format %(image_format)r; supported: %(supported)s."
+    msg_fmt = ("Unsupported image format %(image_format)r; supported: "
+               "%(supported)s.")
 
 
 class InvalidOrigin(InvalidInput):

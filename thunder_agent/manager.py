@@ -23,6 +23,9 @@ from thunder_agent import state
 from thunder_agent import validation
 
 LOG = logging.getLogger(__name__)
+
+# How often a new template checks whether its parent serves yet.
+PARENT_POLL_INTERVAL = 0.05
 MIB = 1024 * 1024
 
 
@@ -247,6 +250,29 @@ class AgentManager:
         template.relay = {'parent': parent, 'failures': 0}
         LOG.info('Template %s joins the relay tree under %s',
                  template.image_id, parent)
+        if parent != ORIGIN:
+            self._wait_for_parent(template, source)
+
+    def _wait_for_parent(self, template, source):
+        """Return once the parent serves the image, or after [relay]
+        parent_ready_timeout (the graph's own reconnects take over)."""
+        timeout = self.conf.relay.parent_ready_timeout
+        started = time.monotonic()
+        while True:
+            try:
+                self.backend.probe_origin(source, 'raw')
+                waited = time.monotonic() - started
+                if waited > PARENT_POLL_INTERVAL:
+                    LOG.info('Parent of template %s serves after %.2f s',
+                             template.image_id, waited)
+                return
+            except exception.ThunderException as e:
+                if time.monotonic() - started >= timeout:
+                    LOG.warning('Parent of template %s does not serve yet '
+                                '(%s); building the template anyway',
+                                template.image_id, e)
+                    return
+            time.sleep(PARENT_POLL_INTERVAL)
 
     def _free_port(self):
         used = {t.export.get('port') for t in self.templates.values()}

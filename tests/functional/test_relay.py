@@ -58,8 +58,8 @@ def test_six_hosts_fan_out_two_each_block_crosses_each_link_once(
             assert result['error'] is None, (host, result)
             assert result['sha256'] == digest, host
         origin_sent = links['origin'][0]
-        print('\norigin sent %d bytes for a %d-byte image' % (origin_sent,
-                                                             size))
+        print('\norigin sent %d bytes for a %d-byte image'
+              % (origin_sent, size))
         for host in hosts:
             parent = tree['nodes'][host]['parents'][0]
             print('link %s -> %s: %d bytes' % (parent, host,

@@ -1,6 +1,5 @@
 """RPC plumbing on oslo.messaging's fake driver: typed errors come back."""
 
-import threading
 import uuid
 
 from oslo_config import cfg

@@ -686,7 +686,7 @@ class Bench:
             'vms': storm.hosts * config.vms_per_host,
             'vm': config.vm,
             'bandwidth_mbit': config.bandwidth_mbit,
-            'link_burst_s': cluster.SHAPER_BURST_S,
+            'link_burst_s': cluster_mod.SHAPER_BURST_S,
             'fan_out': (config.fan_out if storm.mode != 'direct'
                         else DIRECT_FAN_OUT),
             'storm_s': round(storm_s, 3),

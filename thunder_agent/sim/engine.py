@@ -5,9 +5,9 @@ configured rate; the transfers on an uplink share it equally (weighted by
 how many hosts a class stands for), each also capped by its receiver's
 downlink share. An uplink is a token bucket like the emulated links' TBF
 shapers: while idle it saves up to ``link_burst_s`` of its rate, and a
-transfer that starts on an idle link sends that much at once. A transfer's rate changes only when a transfer starts or
-ends on its link, so events are transfer starts and ends, requests, and
-the VMs' reads.
+transfer that starts on an idle link sends that much at once. A
+transfer's rate changes only when a transfer starts or ends on its link,
+so events are transfer starts and ends, requests, and the VMs' reads.
 
 A cache is copy-on-read at fetch-unit grain (see
 :class:`thunder_agent.sim.model.Workload`): a host that misses a unit asks

@@ -199,8 +199,8 @@ MKE2FS_CONF = '''[defaults]
 \text4 = {
 \t\tfeatures = %s
 \t}
-''' % (','.join(['sparse_super', 'large_file', 'filetype', 'resize_inode',
-                  'dir_index', 'ext_attr']),
+''' % (','.join(['sparse_super', 'large_file', 'filetype',
+                 'resize_inode', 'dir_index', 'ext_attr']),
        ','.join(['has_journal', 'extent', 'huge_file', 'flex_bg',
                  'metadata_csum', '64bit', 'dir_nlink', 'extra_isize']))
 

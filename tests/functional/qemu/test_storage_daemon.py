@@ -84,8 +84,8 @@ def test_tcp_export_serves_with_nodelay(tcp_origin, image):
         handle.shutdown()
 
 
-def test_port_in_use_is_a_clear_error_and_starts_nothing(workdir, image,
-                                                          qemu_tools):
+def test_port_in_use_is_a_clear_error_and_starts_nothing(
+        workdir, image, qemu_tools):
     with socket.socket() as taken:
         taken.bind(('127.0.0.1', 0))
         taken.listen()
