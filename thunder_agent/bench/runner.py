@@ -687,6 +687,8 @@ class Bench:
             'vm': config.vm,
             'bandwidth_mbit': config.bandwidth_mbit,
             'link_burst_s': cluster_mod.SHAPER_BURST_S,
+            # Every emulated host runs on this machine's processors.
+            'cpu_count': os.cpu_count(),
             'fan_out': (config.fan_out if storm.mode != 'direct'
                         else DIRECT_FAN_OUT),
             'storm_s': round(storm_s, 3),

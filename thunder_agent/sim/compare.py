@@ -26,7 +26,7 @@ def _median(values, default=0.0):
     return statistics.median(values) if values else default
 
 
-def config_for(record, trace, penalties=(0.0, 0.0)):
+def config_for(record, trace, penalties=(0.0, 0.0), p2p_seed_extra=0.0):
     """A :class:`~thunder_agent.sim.model.SimConfig` reproducing the
     benchmark record, each host starting when it did in the benchmark.
     *penalties* are (hit, miss) seconds, see :func:`calibrate`."""
@@ -55,6 +55,8 @@ def config_for(record, trace, penalties=(0.0, 0.0)):
         chunk_bytes=record.get('chunk_bytes', 65536),
         hit_penalty_s=hit, miss_penalty_s=miss,
         link_burst_s=record.get('link_burst_s', cluster.SHAPER_BURST_S),
+        p2p_seed_extra=p2p_seed_extra,
+        shared_cpu_cores=record.get('cpu_count'),
         setup_s=_median(host_setup.values()),
         vm_start_s=_median(host_vm_start.values()),
         host_setup_s=host_setup or None,
@@ -122,14 +124,33 @@ def calibrate(records, trace):
     return penalties, used
 
 
-def compare(records, trace, penalties=None):
+def calibrate_p2p(records):
+    """Fit :attr:`SimConfig.p2p_seed_extra` on the smallest ``p2p-copy``
+    storm of two hosts or more (what its seed uploaded). Returns (extra,
+    [the record used])."""
+    found = sorted((r for r in records
+                    if r['mode'] == 'p2p-copy' and r['hosts'] >= 2),
+                   key=lambda r: r['hosts'])
+    if not found:
+        return 0.0, []
+    record = found[0]
+    wire = 1.0 + model.SimConfig.header_overhead
+    images = record['origin_bytes'] / (record['image_bytes'] * wire)
+    extra = max(0.0, (images - 1.0) / (1.0 - 1.0 / record['hosts']))
+    return extra, [record]
+
+
+def compare(records, trace, penalties=None, p2p_seed_extra=None):
     """Simulate every record; returns (rows, (hit, miss) penalties, the
-    records the penalties were fitted on). A row has the record's mode and
-    hosts and, per metric, the benchmark's value, the simulator's and the
-    relative error."""
+    p2p seed's extra images, the records these were fitted on). A row has
+    the record's mode and hosts and, per metric, the benchmark's value,
+    the simulator's and the relative error."""
     fitted = []
     if penalties is None:
         penalties, fitted = calibrate(records, trace)
+    if p2p_seed_extra is None:
+        p2p_seed_extra, used = calibrate_p2p(records)
+        fitted += used
     workloads = {}
     rows = []
     for record in sorted(records, key=lambda r: (r['hosts'], r['mode'])):
@@ -137,8 +158,8 @@ def compare(records, trace, penalties=None):
         if chunk not in workloads:
             workloads[chunk] = model.Workload(trace, chunk)
         result = engine.simulate(
-            config_for(record, trace, penalties), workloads[chunk],
-            parent_of=tree_of(record))
+            config_for(record, trace, penalties, p2p_seed_extra),
+            workloads[chunk], parent_of=tree_of(record))
         row = {'mode': record['mode'], 'hosts': record['hosts'],
                'fitted': any(record is r for r in fitted)}
         for key in METRICS:
@@ -147,7 +168,7 @@ def compare(records, trace, penalties=None):
             row[key] = {'bench': bench, 'sim': sim,
                         'error': (sim - bench) / bench if bench else None}
         rows.append(row)
-    return rows, penalties, fitted
+    return rows, penalties, p2p_seed_extra, fitted
 
 
 def summary(rows, max_hosts=16, limit=0.15):

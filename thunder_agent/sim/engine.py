@@ -37,6 +37,7 @@ class Simulator:
         self.queue = []
         self.seq = 0
         self.events = 0
+        self.cpu = None
 
     def at(self, when, fn, *args):
         self.seq += 1
@@ -133,6 +134,51 @@ class Link:
         self._reschedule()
         for flow in done:
             flow.on_done()
+
+
+class CpuPool:
+    """The emulation's shared processors: per-read work of every VM runs
+    here under processor sharing, a read using at most one core. On real
+    hosts each has its own CPUs and this pool is not used."""
+
+    def __init__(self, sim, cores):
+        self.sim = sim
+        self.cores = cores
+        self.jobs = []              # [remaining work s, weight, on_done]
+        self.last = 0.0
+        self.version = 0
+
+    def run(self, work, weight, on_done):
+        self._advance()
+        self.jobs.append([work, weight, on_done])
+        self._reschedule()
+
+    def _rate(self):
+        return min(1.0, self.cores / sum(j[1] for j in self.jobs))
+
+    def _advance(self):
+        elapsed = self.sim.now - self.last
+        if elapsed > 0 and self.jobs:
+            rate = self._rate()
+            for job in self.jobs:
+                job[0] -= rate * elapsed
+        self.last = self.sim.now
+
+    def _reschedule(self):
+        self.version += 1
+        if self.jobs:
+            left = max(0.0, min(j[0] for j in self.jobs)) / self._rate()
+            self.sim.at(self.sim.now + left, self._complete, self.version)
+
+    def _complete(self, version):
+        if version != self.version:
+            return
+        self._advance()
+        done = [j for j in self.jobs if j[0] <= 1e-12]
+        self.jobs = [j for j in self.jobs if j[0] > 1e-12]
+        self._reschedule()
+        for job in done:
+            job[2]()
 
 
 class Node:
@@ -262,7 +308,11 @@ class VM:
             delay += config.hit_penalty_s
         if self.missed[index]:
             delay += config.miss_penalty_s
-        self.sim.at(self.sim.now + delay, self._read_done, index)
+        if self.sim.cpu is not None:
+            self.sim.cpu.run(delay, self.node.count * config.vms_per_host,
+                             lambda: self._read_done(index))
+        else:
+            self.sim.at(self.sim.now + delay, self._read_done, index)
 
     def _read_done(self, index):
         self.done_at[index] = self.sim.now
@@ -333,6 +383,8 @@ def simulate(config, workload, parent_of=None):
                                 config.host_vm_start_s)
     root = tree_mod.classes(parent_of, lump=lump)
     sim = Simulator()
+    if config.shared_cpu_cores:
+        sim.cpu = CpuPool(sim, config.shared_cpu_cores)
     origin = Node(sim, config, workload, root, None)
     nodes = [origin]
     by_class = {root: origin}
@@ -370,8 +422,7 @@ def simulate(config, workload, parent_of=None):
         latencies += [when] * weight
     wire = 1.0 + config.header_overhead
     if mode == 'p2p-copy':
-        # The fluid model: the origin uploads the image about once.
-        origin_bytes = workload.image_bytes * wire
+        origin_bytes = workload.image_bytes * config.p2p_seed_images * wire
         max_link = origin_bytes
     else:
         origin_bytes = origin.tx_bytes * wire
@@ -406,10 +457,12 @@ def _full_copy(sim, node, workload, vm_start_s, boot):
 
 def _p2p_copy_s(config, image_bytes):
     """Fluid BitTorrent: the swarm's upload capacity bounds the copy
-    (Kumar and Ross): max(B/u_origin, B/d, H*B/(u_origin + H*u))."""
+    (Kumar and Ross): max(B/u_origin, B/d, H*B/(u_origin + H*u)), the
+    seed's share grown by the copies it sends more than once."""
     payload = config.efficiency / 8.0
     up = config.bandwidth_bps * payload
     origin_up = config.origin_bps * payload
     hosts = config.hosts
-    return max(image_bytes / origin_up, image_bytes / up,
+    return max(image_bytes * config.p2p_seed_images / origin_up,
+               image_bytes / up,
                hosts * image_bytes / (origin_up + hosts * up))

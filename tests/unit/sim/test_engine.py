@@ -180,7 +180,7 @@ def test_compare_recovers_a_known_request_delay(workload):
                 'vm_detail': [{'name': '%s-vm0' % h, 'host': h,
                                'latency_s': result.storm_s,
                                'boot_s': boot} for h in ready]})
-    rows, (hit, miss), fitted = compare.compare(records, trace)
+    rows, (hit, miss), _, fitted = compare.compare(records, trace)
     assert [(r['mode'], r['hosts']) for r in fitted] == [
         ('thunder-prefetch', 1), ('thunder', 1)]
     assert hit == pytest.approx(0.002, rel=0.05)
@@ -211,3 +211,59 @@ def test_idle_link_sends_its_bucket_at_once():
     assert done[1][0] == 'large'
     assert done[1][1] == pytest.approx(0.002 + 0.026)
     assert sender.tx_bytes == 38000 and receiver.rx_bytes == 38000
+
+
+def test_p2p_seed_extra_grows_seed_upload_and_copy_time(workload):
+    image = workload.image_bytes
+    ideal = run(workload, 'p2p-copy', 8)
+    real = run(workload, 'p2p-copy', 8, p2p_seed_extra=0.6)
+    images = 1 + 0.6 * (1 - 1 / 8)
+    wire = 1 + model.SimConfig.header_overhead
+    assert real.origin_bytes == int(image * images * wire)
+    assert ideal.origin_bytes == int(image * wire)
+    # The seed's upload is the bottleneck: the copy grows with it.
+    assert real.storm_s - ideal.storm_s == pytest.approx(
+        image * (images - 1) / (W * 0.97 / 8), rel=0.01)
+
+
+def test_compare_fits_the_p2p_seed_on_two_hosts():
+    wire = 1 + model.SimConfig.header_overhead
+    records = [{'mode': 'p2p-copy', 'hosts': h, 'image_bytes': 1000,
+                'origin_bytes': 1000 * wire * (1 + 0.5 * (1 - 1 / h))}
+               for h in (1, 4, 2)]
+    extra, used = compare.calibrate_p2p(records)
+    assert extra == pytest.approx(0.5)
+    assert used == [records[2]]
+    assert compare.calibrate_p2p(records[:1]) == (0.0, [])
+
+
+def test_cpu_pool_shares_cores_among_reads():
+    """Processor sharing: alone or within the core count a job runs at
+    one core; beyond it the cores are split."""
+    sim = engine.Simulator()
+    pool = engine.CpuPool(sim, 2)
+    done = {}
+    for name in ('a', 'b'):
+        pool.run(0.010, 1, lambda n=name: done.setdefault(n, sim.now))
+    sim.run()
+    assert done == {'a': pytest.approx(0.010), 'b': pytest.approx(0.010)}
+    sim.at(1.0, lambda: [pool.run(0.010, 1, lambda n=n: done.setdefault(
+        n, sim.now)) for n in ('c', 'd', 'e', 'f')])
+    sim.run()
+    # Four jobs on two cores: each at half speed.
+    for name in 'cdef':
+        assert done[name] == pytest.approx(1.020)
+
+
+def test_shared_cpu_slows_a_crowded_storm(workload):
+    alone = run(workload, 'thunder', 16, hit_penalty_s=0.002, lump=False)
+    shared = run(workload, 'thunder', 16, hit_penalty_s=0.002, lump=False,
+                 shared_cpu_cores=2)
+    one = run(workload, 'thunder', 1, hit_penalty_s=0.002,
+              shared_cpu_cores=2)
+    assert shared.storm_s > alone.storm_s
+    assert one.storm_s == pytest.approx(
+        run(workload, 'thunder', 1, hit_penalty_s=0.002).storm_s)
+    with pytest.raises(exception.InvalidInput):
+        model.SimConfig(mode='thunder', hosts=1, bandwidth_bps=W,
+                        shared_cpu_cores=0).validate()
