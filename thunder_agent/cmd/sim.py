@@ -141,6 +141,12 @@ def _compare(args):
     penalties = None
     if args.penalties_ms is not None:
         penalties = tuple(v / 1000.0 for v in args.penalties_ms)
+    if args.shared_cpu_cores is not None:
+        if args.shared_cpu_cores < 1:
+            raise exception.InvalidInput(
+                reason='--shared-cpu-cores must be a positive integer')
+        for record in records:
+            record.setdefault('cpu_count', args.shared_cpu_cores)
     rows, penalties, seed_extra, fitted = compare_mod.compare(
         records, trace, penalties, args.p2p_seed_extra)
     print('per VM read through a template: +%.2f ms, +%.2f ms more on a '
@@ -241,6 +247,9 @@ def _parser():
     cmp.add_argument('--p2p-seed-extra', type=float,
                      help='instead of fitting it on the smallest p2p-copy '
                           'storm of 2 hosts or more')
+    cmp.add_argument('--shared-cpu-cores', type=int,
+                     help='cores the benchmark\'s hosts shared, for records '
+                          'that do not say (cpu_count)')
     cmp.add_argument('--max-hosts', type=int, default=16)
     cmp.add_argument('--limit', type=float, default=0.15)
     cmp.add_argument('--json')

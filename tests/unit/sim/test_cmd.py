@@ -74,3 +74,13 @@ def test_compare_without_a_trace_is_an_error(tmp_path, capsys):
     bench.write_text(json.dumps({'records': [], 'meta': {}}))
     assert sim_cmd.main(['compare', str(bench)]) == 1
     assert 'names no trace' in capsys.readouterr().err
+
+
+def test_compare_rejects_a_bad_core_count(tmp_path, capsys):
+    trace = write_trace(tmp_path / 'boot.trace')
+    bench = tmp_path / 'bench.json'
+    bench.write_text(json.dumps({'records': [], 'meta': {'trace': trace}}))
+    assert sim_cmd.main(['compare', str(bench),
+                         '--shared-cpu-cores', '0']) == 1
+    assert '--shared-cpu-cores must be a positive integer' in \
+        capsys.readouterr().err
