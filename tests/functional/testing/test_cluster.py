@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -48,6 +49,17 @@ def pids_in_netns(names):
         except FileNotFoundError:
             pass
     return cluster_mod._pids_in(inodes) if inodes else []
+
+
+def wait_in_netns(names, pids, timeout=10):
+    """The pids of *names* once all of *pids* are among them: a process
+    started with "ip netns exec" enters its namespace a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inside = pids_in_netns(names)
+        if set(pids) <= set(inside) or time.monotonic() > deadline:
+            return inside
+        time.sleep(0.05)
 
 
 def alive(pid):
@@ -135,7 +147,7 @@ def test_teardown_leaves_nothing():
     orphan = subprocess.Popen(cluster.hosts[1].exec_prefix + ['sleep', '600'],
                               start_new_session=True)
     relays = [p.pid for p in cluster._relays]
-    inside = pids_in_netns(names)
+    inside = wait_in_netns(names, [sleeper.pid, orphan.pid])
     assert sleeper.pid in inside and orphan.pid in inside
     assert len(inside) >= 2 + 4      # the sleeps and a socat per host
     state_dir = cluster.state_dir
