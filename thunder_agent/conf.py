@@ -4,6 +4,7 @@ All options of the agent live here so that ``oslo-config-generator`` can
 produce ``etc/thunder-agent.conf.sample`` from :func:`list_opts`.
 """
 
+import copy
 import socket
 
 from oslo_config import cfg
@@ -244,6 +245,18 @@ def register_opts(conf=CONF):
                         (kernel_group, kernel_opts)):
         conf.register_group(group)
         conf.register_opts(opts, group=group)
+
+
+def private_conf():
+    """A ConfigOpts of its own holding copies of every agent option, for
+    several agents in one process (tests): registered options keep their
+    overrides, so they must not be shared. Call it, then set overrides."""
+    conf = cfg.ConfigOpts()
+    for group, opts in list_opts():
+        name = group if isinstance(group, str) else group.name
+        conf.register_opts([copy.deepcopy(o) for o in opts],
+                           group=None if name == 'DEFAULT' else name)
+    return conf
 
 
 def list_opts():

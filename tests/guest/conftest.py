@@ -17,7 +17,6 @@ Outside the guest every test here is skipped.
 """
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -335,19 +334,12 @@ class Agent:
     give it."""
 
     def __init__(self, host, **kernel_overrides):
-        from oslo_config import cfg
-
         from thunder_agent.backends import kernel
         from thunder_agent import conf as agent_conf
 
         self.host = host
-        conf = cfg.ConfigOpts()
-        # Copies: registered option groups keep their overrides, and two
-        # agents in one process must not share them.
-        for group, opts in agent_conf.list_opts():
-            name = group if isinstance(group, str) else group.name
-            conf.register_opts([copy.deepcopy(o) for o in opts],
-                               group=None if name == 'DEFAULT' else name)
+        # Two agents in one process must not share option overrides.
+        conf = agent_conf.private_conf()
         conf([], project='thunder-agent')
         conf.set_override('host', 'host-' + host.name)
         conf.set_override('state_path', os.path.join(host.workdir, 'state'),

@@ -5,7 +5,6 @@ import copy
 import os
 
 import pytest
-from oslo_config import cfg
 
 from thunder_agent import backends
 from thunder_agent.backends import kernel
@@ -24,11 +23,7 @@ SOURCE = {'driver_volume_type': 'iscsi',
 
 @pytest.fixture
 def conf(tmp_path):
-    conf = cfg.ConfigOpts()
-    for group, opts in agent_conf.list_opts():
-        name = group if isinstance(group, str) else group.name
-        conf.register_opts([copy.deepcopy(o) for o in opts],
-                           group=None if name == 'DEFAULT' else name)
+    conf = agent_conf.private_conf()
     conf([])
     conf.set_override('host', 'Compute-7.EXAMPLE')
     conf.set_override('state_path', str(tmp_path / 'state'), group='agent')

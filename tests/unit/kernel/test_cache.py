@@ -1,7 +1,4 @@
-import copy
-
 import pytest
-from oslo_config import cfg
 
 from thunder_agent import conf as agent_conf
 from thunder_agent import exception
@@ -13,11 +10,7 @@ IMAGE = '0f2b1a3c-5d4e-4f60-8a7b-9c8d7e6f5a4b'
 
 @pytest.fixture
 def conf():
-    conf = cfg.ConfigOpts()
-    for group, opts in agent_conf.list_opts():
-        name = group if isinstance(group, str) else group.name
-        conf.register_opts([copy.deepcopy(o) for o in opts],
-                           group=None if name == 'DEFAULT' else name)
+    conf = agent_conf.private_conf()
     conf([])
     return conf
 
