@@ -12,7 +12,6 @@ from oslo_log import log as logging
 
 import nova.conf
 
-from nova_thunder import conf as thunder_conf  # noqa: F401 (registers opts)
 from nova_thunder import exception
 # Imported after nova.conf: Nova owns [DEFAULT] host in this process.
 from thunder_agent import exception as agent_exception
@@ -34,13 +33,11 @@ class AgentClient:
     def __init__(self, transport):
         # The timeout is passed on every call: [thunder] timeout may change
         # while the client lives.
-        self.api = agent_api.AgentAPI(transport, topic=CONF.thunder.topic)
-        # AgentAPI's target takes the process's control_exchange, which in
-        # nova-compute is Nova's own ("nova"), not the agents'.
-        self.api.client = messaging.get_rpc_client(
-            transport, messaging.Target(
-                exchange=CONF.thunder.control_exchange,
-                topic=CONF.thunder.topic, version=agent_api.AgentAPI.VERSION))
+        # The exchange is explicit: nova-compute's own control_exchange is
+        # Nova's ("nova"), not the agents'.
+        self.api = agent_api.AgentAPI(
+            transport, topic=CONF.thunder.topic,
+            exchange=CONF.thunder.control_exchange)
 
     def prepare(self, image_id, origin, size, image_format, instance_uuid,
                 source):

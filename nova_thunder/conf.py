@@ -1,7 +1,9 @@
 """The ``[thunder]`` options of nova.conf (nova-cpu.conf on a compute host).
 
 ``oslo-config-generator`` produces ``etc/nova-thunder.conf.sample`` from
-:func:`list_opts`; ``nova_thunder.wiring`` registers them on Nova's CONF.
+:func:`list_opts`. Nothing is registered on import:
+:func:`nova_thunder.wiring.apply` (run by ``nova-compute-thunder``)
+registers them on Nova's CONF.
 """
 
 from oslo_config import cfg
@@ -82,6 +84,3 @@ def register_opts(conf):
 
 def list_opts():
     return [(thunder_group, thunder_opts)]
-
-
-register_opts(cfg.CONF)

@@ -33,7 +33,6 @@ from oslo_utils import units
 import nova.conf
 from nova import context as nova_context
 
-from nova_thunder import conf as thunder_conf  # noqa: F401 (registers opts)
 from nova_thunder import exception
 
 CONF = nova.conf.CONF

@@ -28,7 +28,7 @@ from oslo_log import log as logging
 
 import nova.conf
 
-from nova_thunder import conf as thunder_conf  # noqa: F401 (registers opts)
+from nova_thunder import conf as thunder_conf
 from nova_thunder import exception
 
 CONF = nova.conf.CONF
@@ -237,6 +237,7 @@ def check(allow_untested_nova=None):
 
     *allow_untested_nova* defaults to ``[thunder] allow_untested_nova``.
     """
+    thunder_conf.register_opts(CONF)
     problems = []
     _check_version(problems, allow_untested_nova)
     _check_signatures(problems)
@@ -270,6 +271,8 @@ def is_applied():
 
 def apply(allow_untested_nova=None):
     """Check Nova, then wire nova-thunder in; raises NovaIncompatible."""
+    # nova-compute-thunder's one place of option registration (idempotent).
+    thunder_conf.register_opts(CONF)
     if is_applied():
         return
     problems = check(allow_untested_nova)

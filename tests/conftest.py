@@ -18,7 +18,7 @@ def workdir():
 
 @pytest.fixture(scope='session')
 def rabbit():
-    from thunder_agent.testing import rabbitmq
+    from thunder_lab.emulation import rabbitmq
     try:
         broker = rabbitmq.RabbitMQ().start()
     except rabbitmq.RabbitMQUnavailable as e:
@@ -27,7 +27,7 @@ def rabbit():
     broker.stop()
 
 
-from thunder_agent.testing.images import make_image, sha256_file  # noqa
+from thunder_lab.emulation.images import make_image, sha256_file  # noqa
 
 
 @pytest.fixture

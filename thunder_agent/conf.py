@@ -1,15 +1,18 @@
-"""Configuration options of the thunder agent.
+"""Configuration options of the thunder agent and the coordinator.
 
-All options of the agent live here so that ``oslo-config-generator`` can
-produce ``etc/thunder-agent.conf.sample`` from :func:`list_opts`.
+Nothing is registered when this module is imported: the console scripts in
+:mod:`thunder_agent.cmd` call :func:`register_opts` on the configuration
+they parse (as ovn-bgp-agent does), so importing the RPC client API inside
+nova-compute adds no option to Nova's configuration. ``oslo-config-generator``
+produces ``etc/thunder-agent.conf.sample`` from :func:`list_opts`.
 """
 
-import copy
 import socket
 
 from oslo_config import cfg
 
-CONF = cfg.CONF
+from thunder_agent.coordinator import rpc as coordinator_rpc
+from thunder_agent.rpc import api as agent_api
 
 default_opts = [
     cfg.HostAddressOpt(
@@ -24,17 +27,19 @@ agent_opts = [
     cfg.StrOpt('state_path', default='/var/lib/thunder-agent',
                help='Directory holding the durable state of the agent: '
                     'template caches, snapshot overlays and their records. '
-                    'Everything here survives agent restarts.'),
+                    'Everything here survives agent restarts; records the '
+                    'agent cannot read are moved to lost+found/ below it, '
+                    'never deleted.'),
     cfg.StrOpt('run_path', default='/run/thunder-agent',
                help='Directory for sockets and pid files of data-plane '
                     'daemons. Keep the path short: unix socket paths are '
                     'limited to 107 bytes.'),
     cfg.StrOpt('backend', default='qemu',
-               help='Data-plane backend, a name in the '
-                    '"thunder_agent.backends" entry point namespace: '
+               help='Data-plane driver, a name in the '
+                    '"thunder_agent.drivers" entry point namespace: '
                     '"qemu" (qemu-storage-daemon, NBD, qcow2) or "kernel" '
-                    '(iSCSI, device-mapper).'),
-    cfg.StrOpt('topic', default='thunder-agent',
+                    '(iSCSI, bcache, device-mapper).'),
+    cfg.StrOpt('topic', default=agent_api.TOPIC,
                help='RPC topic the agents listen on.'),
     cfg.ListOpt('file_origin_dirs', default=[],
                 help='Directories from which local image files may be used '
@@ -42,10 +47,27 @@ agent_opts = [
                      'refused.'),
     cfg.IntOpt('housekeeping_interval', default=10, min=1,
                help='Seconds between housekeeping runs: data-plane '
-                    'supervision, cache flushes, garbage collection.'),
+                    'supervision (a template whose daemon or forwarder died '
+                    'is rebuilt from its cache), garbage collection of idle '
+                    'templates and eviction down to [cache] size_limit_mb. '
+                    'Cache flushes, heartbeats and parent probes have their '
+                    'own intervals.'),
     cfg.IntOpt('template_grace_period', default=600, min=0,
                help='Seconds a template may stay without any snapshot or '
                     'child before garbage collection removes it.'),
+    cfg.IntOpt('prepare_timeout', default=240, min=10,
+               help='Seconds a prepare request may take, waits for another '
+                    'request building the same template included. Every '
+                    'step has its own, shorter deadline (origin probe, '
+                    'coordinator call, parent wait, daemon start); this '
+                    'bounds the sum. Keep it below nova.conf [thunder] '
+                    'timeout so that Nova gets the agent\'s error rather '
+                    'than a timeout.'),
+    cfg.IntOpt('background_workers', default=4, min=1, max=64,
+               help='Threads that repair data planes and switch templates '
+                    'to new parents in the background, so that one slow '
+                    'template (an iSCSI login to a dead parent) delays '
+                    'neither heartbeats nor the others.'),
 ]
 
 cache_group = cfg.OptGroup('cache', title='Local template cache')
@@ -62,11 +84,11 @@ cache_opts = [
                     'power of two between 512 and 2097152.'),
     cfg.IntOpt('flush_interval', default=5, min=1,
                help='Seconds between flushes of cache metadata to disk. '
-                    'Blocks cached since the last flush are fetched again '
-                    'after a crash of the data plane (never wrong data).'),
+                    'After a crash of the data plane, blocks cached since '
+                    'the last flush are fetched again.'),
 ]
 
-qemu_group = cfg.OptGroup('qemu', title='qemu data-plane backend')
+qemu_group = cfg.OptGroup('qemu', title='qemu data-plane driver')
 qemu_opts = [
     cfg.StrOpt('storage_daemon', default='qemu-storage-daemon',
                help='qemu-storage-daemon executable.'),
@@ -75,8 +97,21 @@ qemu_opts = [
                help='Seconds an NBD client (a template towards its source, '
                     'a VM towards its template) keeps requests queued while '
                     'it reconnects before failing them.'),
+    cfg.IntOpt('open_timeout', default=10, min=1,
+               help='Seconds a new template\'s NBD client may take to '
+                    'connect to its source. The agent checks that the '
+                    'source serves before it builds the graph, so this only '
+                    'covers a source that dies in between; a long value '
+                    'would hold the daemon\'s monitor that long.'),
     cfg.IntOpt('start_timeout', default=30, min=1,
-               help='Seconds to wait for a qemu-storage-daemon to come up.'),
+               help='Seconds to wait for a qemu-storage-daemon to come up, '
+                    'and for one of its monitor commands to answer.'),
+    cfg.IntOpt('command_timeout', default=60, min=1,
+               help='Seconds a qemu-img run (origin probe, cache or overlay '
+                    'creation, cache map) may take.'),
+    cfg.IntOpt('flush_timeout', default=10, min=1,
+               help='Seconds a flush of a template\'s cache may take before '
+                    'it is given up until the next [cache] flush_interval.'),
 ]
 
 
@@ -102,13 +137,18 @@ relay_opts = [
                 help='Join the per-image relay trees of the coordinator: a '
                      'template fetches misses from the parent the '
                      'coordinator assigns (or the origin) and serves its '
-                     'children. Needs a reachable [relay] listen_address. '
-                     'Only NBD origins that export the image under its id '
-                     'take part; file origins are always read directly.'),
+                     'children. Needs an export address reachable from the '
+                     'other hosts ([relay] listen_address for the qemu '
+                     'driver, [kernel] export_address for the kernel '
+                     'driver). The qemu driver relays NBD origins that '
+                     'export the image under its id, the kernel driver '
+                     'iSCSI origins; file origins are always read '
+                     'directly.'),
     cfg.HostAddressOpt('listen_address', default='127.0.0.1',
-                       help='Address template exports listen on when relay '
-                            'is enabled (children and local VMs connect '
-                            'here). Use the address of the storage network.'),
+                       help='Address the qemu driver\'s template exports '
+                            'listen on when relay is enabled (children and '
+                            'local VMs connect here). Use the address of the '
+                            'storage network.'),
     cfg.PortOpt('port_min', default=10810,
                 help='First TCP port for template exports (one per image).'),
     cfg.PortOpt('port_max', default=10873,
@@ -119,26 +159,36 @@ relay_opts = [
                     'export ports), so tenants are not starved. 0: no cap.'),
     cfg.StrOpt('interface', default='eth0',
                help='Interface relay traffic leaves by, for the rate cap.'),
+    cfg.IntOpt('join_timeout', default=5, min=1,
+               help='Seconds a new template waits for the coordinator to '
+                    'place it in the tree. Without an answer it reads from '
+                    'the origin, and the next heartbeat enters the tree; '
+                    'until a heartbeat succeeds again, further new '
+                    'templates do not wait for the coordinator at all.'),
+    cfg.IntOpt('parent_probe_interval', default=5, min=1,
+               help='Seconds between two probes of every relaying '
+                    'template\'s parent (one connection attempt to each '
+                    'distinct parent, in parallel).'),
     cfg.IntOpt('parent_probe_timeout', default=2, min=1,
                help='Seconds a connection attempt to the parent may take '
                     'before the parent counts as unreachable.'),
     cfg.IntOpt('parent_failures', default=2, min=1,
-               help='Consecutive failed probes (one per housekeeping run) '
-                    'after which the parent is reported as failed and the '
-                    'template re-parented.'),
+               help='Consecutive failed probes after which the parent is '
+                    'reported as failed to the coordinator and the template '
+                    'moved to the parent the coordinator answers with.'),
     cfg.FloatOpt('parent_ready_timeout', default=30.0, min=0,
                  help='Seconds a new template waits for its parent to '
-                      'serve before building its own graph anyway. A '
-                      'parent that joined the tree a moment ago may still '
-                      'be building its template, and QEMU\'s NBD client '
-                      'retries a refused connection only after 1, 2, 4... '
-                      'seconds; polling here lets each tree level start as '
-                      'soon as the one above serves. 0: do not wait.'),
+                      'serve. A parent that joined the tree a moment ago '
+                      'may still be building its template; polling here '
+                      'lets each tree level start as soon as the one above '
+                      'serves. A parent that does not serve within this '
+                      'time is reported as failed and the template reads '
+                      'from the origin instead. 0: do not wait.'),
 ]
 
 coordinator_group = cfg.OptGroup('coordinator', title='Relay tree coordinator')
 coordinator_opts = [
-    cfg.StrOpt('topic', default='thunder-coordinator',
+    cfg.StrOpt('topic', default=coordinator_rpc.TOPIC,
                help='RPC topic of the coordinator. Agents call it to join '
                     'relay trees and to send heartbeats; run one '
                     'coordinator per topic (it keeps the trees in memory).'),
@@ -157,9 +207,13 @@ coordinator_opts = [
                     'faster than the hosts\' (every child costs the origin '
                     'one more copy of the working set).'),
     cfg.IntOpt('heartbeat_interval', default=10, min=1,
-               help='Seconds between two heartbeats of an agent. The '
+               help='Seconds between two heartbeats of an agent (each one '
+                    'drawn at random within 10 % of this, and the first '
+                    'within one interval of the start, so that hosts '
+                    'restarted together do not call together). The '
                     'heartbeat lists the templates of the agent and their '
-                    'parents; it is how the coordinator rebuilds its trees '
+                    'parents; its answer gives each template\'s parents and '
+                    'children. It is how the coordinator rebuilds its trees '
                     'after a restart.'),
     cfg.IntOpt('node_timeout', default=35, min=2,
                help='Seconds without a heartbeat after which the '
@@ -171,24 +225,34 @@ coordinator_opts = [
                     'failed parent gets no new children.'),
     cfg.IntOpt('rpc_timeout', default=30, min=1,
                help='Seconds an agent waits for an answer of the '
-                    'coordinator.'),
+                    'coordinator to a heartbeat, a leave or a failure '
+                    'report ([relay] join_timeout bounds joins).'),
 ]
 
-kernel_group = cfg.OptGroup('kernel', title='kernel data-plane backend')
+kernel_group = cfg.OptGroup('kernel', title='kernel data-plane driver')
 kernel_opts = [
     cfg.PortOpt('tgt_control_port', default=0,
                 help='Management port of the tgtd instance that exports '
                      'this host\'s templates (tgtd -C / tgtadm -C). tgtd '
-                     'must be running; the backend only drives it.'),
+                     'must be running; the driver only drives it.'),
     cfg.HostAddressOpt('export_address',
                        help='Address children use to reach this host\'s '
-                            'iSCSI exports. Required by the kernel backend.'),
+                            'iSCSI exports. Required by the kernel driver.'),
     cfg.PortOpt('export_port', default=3260,
                 help='TCP port tgtd listens on for iSCSI.'),
     cfg.StrOpt('iqn_prefix', default='iqn.2010-10.org.openstack.thunder',
                regex=r'^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+$',
                help='Prefix of the IQNs under which templates are '
                     'exported; the host name and image id are appended.'),
+    cfg.StrOpt('relay_key_file',
+               help='File holding the deployment\'s relay key (at least 32 '
+                    'bytes of random data, the same on every host, readable '
+                    'by the agent only). Each template export gets CHAP '
+                    'credentials derived from it and the image id, so a '
+                    'child logs in to any parent of the tree without a '
+                    'secret ever travelling through the coordinator. '
+                    'Required with [relay] enabled; without relay, every '
+                    'export gets a random secret of its own.'),
     cfg.StrOpt('device_prefix', default='thunder',
                regex=r'^[a-z][a-z0-9-]{0,31}$',
                help='Prefix of the device-mapper devices this agent '
@@ -231,45 +295,26 @@ kernel_opts = [
                     'during teardown.'),
 ]
 
+_GROUPS = ((agent_group, agent_opts), (cache_group, cache_opts),
+           (qemu_group, qemu_opts), (relay_group, relay_opts),
+           (prefetch_group, prefetch_opts),
+           (coordinator_group, coordinator_opts),
+           (kernel_group, kernel_opts))
 
-def register_opts(conf=CONF):
-    # Inside nova-compute (which imports the RPC client) Nova already owns
-    # [DEFAULT] host, with the same meaning; registering ours would clash.
+
+def register_opts(conf):
+    """Register every agent and coordinator option on *conf*.
+
+    Idempotent. ``[DEFAULT] host`` is left alone where the process already
+    has one (same meaning, e.g. Nova's).
+    """
     if 'host' not in conf:
         conf.register_opts(default_opts)
-    for group, opts in ((agent_group, agent_opts), (cache_group, cache_opts),
-                        (qemu_group, qemu_opts),
-                        (relay_group, relay_opts),
-                        (prefetch_group, prefetch_opts),
-                        (coordinator_group, coordinator_opts),
-                        (kernel_group, kernel_opts)):
+    for group, opts in _GROUPS:
         conf.register_group(group)
         conf.register_opts(opts, group=group)
-
-
-def private_conf():
-    """A ConfigOpts of its own holding copies of every agent option, for
-    several agents in one process (tests): registered options keep their
-    overrides, so they must not be shared. Call it, then set overrides."""
-    conf = cfg.ConfigOpts()
-    for group, opts in list_opts():
-        name = group if isinstance(group, str) else group.name
-        conf.register_opts([copy.deepcopy(o) for o in opts],
-                           group=None if name == 'DEFAULT' else name)
     return conf
 
 
 def list_opts():
-    return [
-        ('DEFAULT', default_opts),
-        (agent_group, agent_opts),
-        (cache_group, cache_opts),
-        (qemu_group, qemu_opts),
-        (relay_group, relay_opts),
-        (prefetch_group, prefetch_opts),
-        (coordinator_group, coordinator_opts),
-        (kernel_group, kernel_opts),
-    ]
-
-
-register_opts()
+    return [('DEFAULT', default_opts)] + list(_GROUPS)

@@ -124,19 +124,6 @@ class NetworkSetupError(ThunderException):
     msg_fmt = "Network setup failed: %(reason)s"
 
 
-class ToolNotFound(ThunderException):
-    msg_fmt = ("Program %(program)s not found: install the Debian package "
-               "%(package)s.")
-
-
-class GuestImageBuildFailed(ThunderException):
-    msg_fmt = "Cannot build the test guest image: %(reason)s"
-
-
-class PackageFetchFailed(GuestImageBuildFailed):
-    msg_fmt = ("Cannot get Debian package %(package)s with apt: %(reason)s")
-
-
 class InvalidDeviceTable(InvalidInput):
     msg_fmt = "Invalid device-mapper table argument: %(reason)s"
 
@@ -158,21 +145,9 @@ class PrivilegedOperationNotAllowed(ThunderException):
     msg_fmt = "Privileged operation refused: %(reason)s"
 
 
-class GuestHarnessError(ThunderException):
-    msg_fmt = "Guest test harness cannot run: %(reason)s"
-
-
 class InvalidTrace(InvalidInput):
     msg_fmt = "Invalid boot trace %(path)s: %(reason)s"
 
 
-class TraceRecordFailed(ThunderException):
-    msg_fmt = "Cannot record a boot trace of %(image)s: %(reason)s"
-
-
 class PrefetchFailed(ThunderException):
     msg_fmt = "Prefetch from %(address)s failed: %(reason)s"
-
-
-class BenchmarkFailed(ThunderException):
-    msg_fmt = "Boot-storm benchmark failed: %(reason)s"

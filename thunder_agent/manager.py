@@ -16,7 +16,7 @@ import time
 
 import oslo_messaging as messaging
 
-from thunder_agent import backends
+from thunder_agent import drivers
 from thunder_agent.coordinator import ORIGIN
 from thunder_agent import exception
 from thunder_agent import state
@@ -33,7 +33,7 @@ class AgentManager:
     def __init__(self, conf, backend=None):
         self.conf = conf
         self.host = conf.host
-        self.backend = backend or backends.load(conf.agent.backend, conf)
+        self.backend = backend or drivers.load(conf.agent.backend, conf)
         self.store = state.StateStore(conf.agent.state_path)
         self.lock = threading.RLock()
         self.templates = {}

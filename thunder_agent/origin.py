@@ -8,7 +8,7 @@ import json
 import os
 
 from thunder_agent import exception
-from thunder_agent.qemu import storage_daemon
+from thunder_agent.drivers.qemu import storage_daemon
 
 
 class OriginServer:

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Install what nova-thunder needs on a Debian 12 host (as root) and build
-# the virtualenv .venv with the project and its test dependencies.
+# the virtualenv .venv with the project (nova-thunder, what a compute node
+# installs), its lab (nova-thunder-lab, lab/: emulated cluster, benchmark,
+# simulator, guest harness) and the test dependencies.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +36,14 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.thunder-requirements
-want=$(cat requirements.txt test-requirements.txt setup.cfg | sha256sum)
+want=$(cat requirements.txt test-requirements.txt setup.cfg lab/pyproject.toml | sha256sum)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing Python packages into .venv (a few minutes the first time)"
     {
         .venv/bin/pip install -q --upgrade pip
         .venv/bin/pip install -q -r requirements.txt -r test-requirements.txt
         .venv/bin/pip install -q --no-deps -e .
+        .venv/bin/pip install -q -e lab
     } > .venv/pip.log 2>&1 || { tail -n 30 .venv/pip.log >&2; exit 1; }
     echo "$want" > "$stamp"
 fi
@@ -50,6 +53,6 @@ for f in /usr/lib/python3/dist-packages/nbd.py \
          /usr/lib/python3/dist-packages/libnbdmod.cpython-311-*.so; do
     [ -e "$f" ] && ln -sf "$f" "$site/"
 done
-.venv/bin/python -W ignore -c 'import nbd, qemu.qmp, oslo_messaging, nova' \
+.venv/bin/python -W ignore -c 'import nbd, qemu.qmp, oslo_messaging, nova, thunder_lab' \
     || { log "the virtualenv is incomplete" >&2; exit 1; }
 log "ready"

@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import make_image, sha256_file
 from thunder_agent import origin as origin_mod
-from thunder_agent.testing import agent as agent_mod
+from thunder_lab.emulation import agent as agent_mod
 
 IMAGE_SIZE = 48 << 20
 

@@ -216,7 +216,7 @@ def _teardown_network(hosts):
 
 
 def _wait_reachable(address, port=3260, timeout=30):
-    from thunder_agent.testing import netutil
+    from thunder_lab.emulation import netutil
 
     if not netutil.wait_for_port(address, port, timeout):
         raise RuntimeError('%s:%d is not reachable' % (address, port))
@@ -292,8 +292,8 @@ class Image:
 @pytest.fixture(scope='session')
 def make_image(guest):
     """Factory: a random image exported by the origin's tgtd."""
-    from thunder_agent.kernel import chap
-    from thunder_agent.kernel import target
+    from thunder_agent.drivers.kernel import chap
+    from thunder_agent.drivers.kernel import target
 
     origin = guest['origin']
     tgt = target.Tgt(origin.control_port)
@@ -334,12 +334,14 @@ class Agent:
     give it."""
 
     def __init__(self, host, **kernel_overrides):
-        from thunder_agent.backends import kernel
+        from oslo_config import cfg
+
+        from thunder_agent.drivers.kernel import driver as kernel
         from thunder_agent import conf as agent_conf
 
         self.host = host
         # Two agents in one process must not share option overrides.
-        conf = agent_conf.private_conf()
+        conf = agent_conf.register_opts(cfg.ConfigOpts())
         conf([], project='thunder-agent')
         conf.set_override('host', 'host-' + host.name)
         conf.set_override('state_path', os.path.join(host.workdir, 'state'),
@@ -354,7 +356,7 @@ class Agent:
             conf.set_override(key, value, group='kernel')
         os.makedirs(conf.agent.run_path, exist_ok=True)
         self.conf = conf
-        self.backend = kernel.KernelBackend(conf)
+        self.backend = kernel.KernelDriver(conf)
         self.backend.start()
 
     def template_dir(self, image_id):

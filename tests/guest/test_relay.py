@@ -155,7 +155,7 @@ def test_b_snapshot_matches_image_and_origin_sends_it_once(tree):
     assert origin <= image.size * 1.10 + 8 * MIB
     assert stats_b.bytes_fetched - setup_b <= image.size * 1.10
     # B's second read is served by its cache, up to the misses bcache did
-    # not insert the first time (see thunder_agent.kernel.cache).
+    # not insert the first time (see thunder_agent.drivers.kernel.cache).
     assert stats_b.bytes_fetched - fetched_b <= image.size * 0.10
     # A served its own snapshot and B's fetches.
     assert stats_a.bytes_served >= 2 * image.size

@@ -16,7 +16,7 @@ SHELL_SCRIPTS = ['tools/thunder-dev', 'tools/guest-run', '.ci/run',
 def test_flake8_is_clean():
     proc = subprocess.run(
         [sys.executable, '-m', 'flake8', 'nova_thunder', 'thunder_agent',
-         'tests'], cwd=ROOT, capture_output=True, text=True)
+         'lab/thunder_lab', 'tests'], cwd=ROOT, capture_output=True, text=True)
     if 'No module named flake8' in proc.stderr:
         pytest.skip('flake8 is not installed (pip install flake8)')
     assert proc.returncode == 0, proc.stdout + proc.stderr

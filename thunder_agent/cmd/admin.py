@@ -53,14 +53,15 @@ def _parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # oslo.config takes --config-file/--config-dir; the rest is ours.
-    conf = agent_conf.CONF
+    conf = agent_conf.register_opts(cfg.CONF)
     ours = _parser().parse_args(
         [a for i, a in enumerate(argv) if not _is_conf_arg(argv, i)])
     conf([a for i, a in enumerate(argv) if _is_conf_arg(argv, i)],
          project='thunder-agent',
          default_config_files=cfg.find_config_files('nova-thunder',
                                                     'thunder-agent'))
-    client = api.AgentAPI(rpc.get_transport(conf), timeout=ours.timeout)
+    client = api.AgentAPI(rpc.get_transport(conf), topic=conf.agent.topic,
+                          timeout=ours.timeout)
     host = ours.host or conf.host
     try:
         if ours.command == 'status':

@@ -15,7 +15,8 @@ from thunder_agent import service as agent_service  # noqa: E402
 
 
 def main(argv=None):
-    conf = agent_conf.CONF
+    conf = cfg.CONF
+    agent_conf.register_opts(conf)
     logging.register_options(conf)
     conf(sys.argv[1:] if argv is None else argv, project='thunder-agent',
          default_config_files=cfg.find_config_files('nova-thunder',

@@ -19,7 +19,8 @@ LOG = logging.getLogger(__name__)
 
 
 def main(argv=None):
-    conf = agent_conf.CONF
+    conf = cfg.CONF
+    agent_conf.register_opts(conf)
     logging.register_options(conf)
     conf(sys.argv[1:] if argv is None else argv, project='thunder-agent',
          prog='thunder-coordinator',

@@ -25,20 +25,17 @@ Errors come back as the typed exceptions of :mod:`thunder_agent.exception`.
 
 import oslo_messaging as messaging
 
-from thunder_agent import conf as agent_conf
-
-CONF = agent_conf.CONF
+# The default of [coordinator] topic.
+TOPIC = 'thunder-coordinator'
 
 
 class CoordinatorAPI:
     VERSION = '1.0'
 
-    def __init__(self, transport, topic=None, timeout=None):
-        target = messaging.Target(topic=topic or CONF.coordinator.topic,
-                                  version=self.VERSION)
-        self.client = messaging.get_rpc_client(
-            transport, target,
-            timeout=timeout or CONF.coordinator.rpc_timeout)
+    def __init__(self, transport, topic=TOPIC, timeout=30):
+        target = messaging.Target(topic=topic, version=self.VERSION)
+        self.client = messaging.get_rpc_client(transport, target,
+                                               timeout=timeout)
 
     def _call(self, method, ctxt=None, timeout=None, **kwargs):
         cctxt = self.client.prepare(timeout=timeout)

@@ -11,16 +11,17 @@ Errors come back as the typed exceptions of :mod:`thunder_agent.exception`.
 
 import oslo_messaging as messaging
 
-from thunder_agent import conf as agent_conf
-
-CONF = agent_conf.CONF
+# The default of [agent] topic. This module reads no configuration: it is
+# what nova-compute imports, and it must not add options to Nova's.
+TOPIC = 'thunder-agent'
 
 
 class AgentAPI:
     VERSION = '1.1'
 
-    def __init__(self, transport, topic=None, timeout=None):
-        target = messaging.Target(topic=topic or CONF.agent.topic,
+    def __init__(self, transport, topic=TOPIC, timeout=None,
+                 exchange=None):
+        target = messaging.Target(exchange=exchange, topic=topic,
                                   version=self.VERSION)
         self.client = messaging.get_rpc_client(transport, target,
                                                timeout=timeout)

@@ -15,7 +15,7 @@ from nova import objects  # noqa: E402
 from nova_thunder import agent as agent_client  # noqa: E402
 from nova_thunder import marking  # noqa: E402
 from tests.functional.nova_thunder import iscsi  # noqa: E402
-from thunder_agent.testing import agent as agent_mod  # noqa: E402
+from thunder_lab.emulation import agent as agent_mod  # noqa: E402
 
 
 @pytest.fixture(scope='module')

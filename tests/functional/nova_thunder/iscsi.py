@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from thunder_agent.testing import netutil
+from thunder_lab.emulation import netutil
 
 
 class TargetUnavailable(RuntimeError):

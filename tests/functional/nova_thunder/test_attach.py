@@ -23,7 +23,7 @@ from tests.functional.nova_thunder.conftest import overlay_exists
 from tests.functional.nova_thunder.conftest import snapshots
 from tests.functional.nova_thunder.conftest import templates
 from tests.unit.nova_thunder import payloads
-from thunder_agent.testing import reader
+from thunder_lab.emulation import reader
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(300)]
 

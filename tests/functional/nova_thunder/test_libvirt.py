@@ -21,7 +21,7 @@ from nova_thunder.virt.libvirt import volume
 from tests.functional.nova_thunder import bootdisk
 from tests.functional.nova_thunder import libvirtd
 from tests.functional.nova_thunder.conftest import snapshots
-from thunder_agent.testing import reader
+from thunder_lab.emulation import reader
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(300)]
 

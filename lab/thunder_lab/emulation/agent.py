@@ -1,0 +1,91 @@
+"""Run a real ``thunder-agent`` process against a given broker."""
+
+import os
+import signal
+
+from oslo_config import cfg
+
+from thunder_agent import rpc
+from thunder_agent.rpc import api
+from thunder_lab.emulation import service_process
+
+
+class AgentProcess(service_process.ServiceProcess):
+    """A thunder-agent subprocess with its own config, state and run dirs.
+
+    ``workdir`` should be short (unix socket paths are limited to 107
+    bytes). Extra options go in ``options`` as {group: {name: value}}.
+    """
+
+    module = 'thunder_agent.cmd.agent'
+    name = 'thunder-agent'
+
+    def __init__(self, transport_url, workdir, host='thunder-test-host',
+                 file_origin_dirs=(), backend='qemu', options=None,
+                 netns=None):
+        self.transport_url = transport_url
+        self.host = host
+        self.state_path = os.path.join(workdir, 'state')
+        self.run_path = os.path.join(workdir, 'run')
+        groups = {
+            'DEFAULT': {'host': host, 'transport_url': transport_url},
+            'agent': {'state_path': self.state_path,
+                      'run_path': self.run_path, 'backend': backend,
+                      'file_origin_dirs': ','.join(file_origin_dirs),
+                      'housekeeping_interval': 2},
+            'cache': {'flush_interval': 2},
+        }
+        for group, values in (options or {}).items():
+            groups.setdefault(group, {}).update(values)
+        super().__init__(workdir, groups, netns=netns)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            transport = rpc.get_transport(cfg.CONF, self.transport_url)
+            self._client = _BoundClient(api.AgentAPI(transport, timeout=120),
+                                        self.host)
+        return self._client
+
+    def ping(self):
+        self.client.get_status(timeout=2)
+
+    def data_plane_pids(self):
+        pids = []
+        if os.path.isdir(self.run_path):
+            for name in os.listdir(self.run_path):
+                if name.endswith('.pid'):
+                    try:
+                        with open(os.path.join(self.run_path, name)) as f:
+                            pids.append(int(f.read().strip()))
+                    except (OSError, ValueError):
+                        pass
+        return pids
+
+    def teardown(self):
+        """Stop the agent and every data-plane daemon it left running."""
+        self.stop()
+        if self._client is not None:
+            self._client._api.client.transport.cleanup()
+            self._client = None
+        for pid in self.data_plane_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+
+class _BoundClient:
+    """AgentAPI with the host filled in."""
+
+    def __init__(self, api_client, host):
+        self._api = api_client
+        self._host = host
+
+    def __getattr__(self, name):
+        method = getattr(self._api, name)
+        return lambda *a, **kw: method(self._host, *a, **kw)

@@ -1,0 +1,51 @@
+"""Run a real ``thunder-coordinator`` process against a given broker."""
+
+from oslo_config import cfg
+
+from thunder_agent.coordinator import rpc as coordinator_rpc
+from thunder_agent import rpc
+from thunder_lab.emulation import service_process
+
+
+class CoordinatorProcess(service_process.ServiceProcess):
+    """A thunder-coordinator subprocess with its own config and log.
+
+    Options go in ``options`` as {group: {name: value}}, e.g.
+    ``{'coordinator': {'fan_out': 2, 'node_timeout': 3}}``.
+    """
+
+    module = 'thunder_agent.cmd.coordinator'
+    name = 'thunder-coordinator'
+
+    def __init__(self, transport_url, workdir, host='thunder-coordinator',
+                 topic=None, options=None):
+        self.transport_url = transport_url
+        self.host = host
+        self.topic = topic or 'thunder-coordinator'
+        groups = {
+            'DEFAULT': {'host': host, 'transport_url': transport_url},
+            'coordinator': {'topic': self.topic},
+        }
+        for group, values in (options or {}).items():
+            groups.setdefault(group, {}).update(values)
+        super().__init__(workdir, groups)
+        self._client = None
+        self._transport = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._transport = rpc.get_transport(cfg.CONF,
+                                                self.transport_url)
+            self._client = coordinator_rpc.CoordinatorAPI(
+                self._transport, topic=self.topic, timeout=60)
+        return self._client
+
+    def ping(self):
+        self.client.list_trees(timeout=2)
+
+    def stop(self):
+        super().stop()
+        if self._transport is not None:
+            self._transport.cleanup()
+            self._transport = self._client = None

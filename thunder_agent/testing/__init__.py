@@ -1,1 +1,0 @@
-"""Helpers that stand up real services for tests, the demo and the bench."""
