@@ -311,8 +311,12 @@ def register_opts(conf):
     if 'host' not in conf:
         conf.register_opts(default_opts)
     for group, opts in _GROUPS:
-        conf.register_group(group)
-        conf.register_opts(opts, group=group)
+        # A group object of its own: oslo.config keeps a group's overrides
+        # in the OptGroup, so sharing the module's would leak overrides
+        # from one ConfigOpts to every other (several agents in a test).
+        conf.register_group(cfg.OptGroup(group.name, title=group.title,
+                                         help=group.help))
+        conf.register_opts(opts, group=group.name)
     return conf
 
 

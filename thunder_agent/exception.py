@@ -71,6 +71,11 @@ class TemplateInUse(ThunderException):
     client_error = True
 
 
+class TemplateBusy(ThunderException):
+    msg_fmt = ("Template of image %(image_id)s is busy (%(operation)s); gave "
+               "up waiting for it to %(waited)s.")
+
+
 class SnapshotNotFound(ThunderException):
     msg_fmt = "No snapshot for instance %(instance_id)s on this host."
     client_error = True

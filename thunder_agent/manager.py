@@ -1,54 +1,133 @@
-"""The agent's brain: validates requests, keeps records, drives a backend.
+"""The agent's brain: per-image state machines over a data-plane driver.
 
-Every public method validates all of its arguments before it touches
-anything, so a refused request changes nothing on disk or in the data
-plane. One lock serialises changes; reads of status take it too so they
-see a consistent picture.
+Concurrency is per image. The only host-wide lock (``_map_lock``) guards
+the two maps image -> template entry and instance -> snapshot entry, and
+is held to look up, insert or remove, never across I/O. Each template entry
+has a condition variable guarding its record and two kinds of operations:
+
+* **exclusive** ones change the template's data plane: build, repair,
+  re-parent, delete. One at a time per template.
+* **shared** ones only use it: snapshot creation and deletion, flushes,
+  statistics. Any number at once, none while an exclusive one runs; a
+  waiting exclusive operation holds new shared ones back, so 50 snapshots
+  being created cannot starve a repair.
+
+Operations hold no lock while they work: the entry's markers say what
+runs, and waiting for them is a condition wait (which releases the lock)
+with a deadline. So prepares of different images proceed in parallel,
+prepares of one image wait for its one build, and a dead parent or
+coordinator only delays the templates that need it, each by a bounded
+time: [relay] join_timeout for the coordinator (then not at all while it
+stays down), [relay] parent_ready_timeout for a parent that does not
+serve (then the origin is read instead), the driver's own timeouts for the
+data plane, and [agent] prepare_timeout for the whole request.
+
+Records are saved at every state transition (see :mod:`thunder_agent.
+records`) and whenever the data plane changes; ``last_used_at`` alone is
+saved lazily by housekeeping. Every public method validates its arguments
+before it touches anything, so a refused request changes nothing.
 """
 
+import concurrent.futures
 import contextlib
-import dataclasses
-import logging
+import copy
 import os
-import socket
 import threading
 import time
 
-import oslo_messaging as messaging
+from oslo_log import log as logging
+from oslo_utils import excutils
 
 from thunder_agent import drivers
-from thunder_agent.coordinator import ORIGIN
 from thunder_agent import exception
-from thunder_agent import state
+from thunder_agent import prefetch as prefetch_mod
+from thunder_agent.records import CREATING
+from thunder_agent.records import DELETING
+from thunder_agent.records import ORIGIN
+from thunder_agent.records import READY
+from thunder_agent import records
+from thunder_agent import relay as relay_mod
+from thunder_agent import store as store_mod
+from thunder_agent import trace as trace_mod
 from thunder_agent import validation
 
 LOG = logging.getLogger(__name__)
 
-# How often a new template checks whether its parent serves yet.
-PARENT_POLL_INTERVAL = 0.05
 MIB = 1024 * 1024
+# A snapshot or status call waits this long at most for an exclusive
+# operation (a repair, a re-parent) of its template to finish.
+SHARED_WAIT = 60.0
+# Time left to answer Nova after a parent wait that had to be cut short.
+ANSWER_MARGIN = 10.0
+
+
+class _Entry:
+    """One template: its record and what runs on it (guarded by cond)."""
+
+    def __init__(self, record):
+        self.record = record
+        self.cond = threading.Condition()
+        self.exclusive = None       # name of the exclusive operation
+        self.exclusive_waiting = 0
+        self.shared = 0
+        self.snapshots = set()      # instance ids, any state
+        self.error = None           # why the build failed, for waiters
+        self.gone = False           # no longer in the map
+        self.dirty = False          # record changed, not saved yet
+        self.prefetcher = None
+        self.in_flight = set()      # background jobs queued or running
+
+    def view(self):
+        """A copy of the record to hand to a driver (cond held)."""
+        return copy.deepcopy(self.record)
+
+
+class _SnapEntry:
+    def __init__(self, record):
+        self.record = record
+        self.busy = False           # being created or deleted
 
 
 class AgentManager:
-    def __init__(self, conf, backend=None):
+    def __init__(self, conf, driver=None, relay=None, store=None,
+                 clock=time.monotonic, wall_clock=time.time):
         self.conf = conf
         self.host = conf.host
-        self.backend = backend or drivers.load(conf.agent.backend, conf)
-        self.store = state.StateStore(conf.agent.state_path)
-        self.lock = threading.RLock()
+        self.driver = driver or drivers.load(conf.agent.backend, conf)
+        self.store = store or store_mod.StateStore(conf.agent.state_path)
+        self._clock = clock
+        self._wall = wall_clock
+        # An RLock only so that tests can ask whether a thread holds it.
+        self._map_lock = threading.RLock()
         self.templates = {}
         self.snapshots = {}
-        self._last_flush = 0.0
-        self.prefetchers = {}
-        self.relay = None
-        if conf.relay.enabled:
-            from thunder_agent import relay
-            self.relay = relay.RelayMember(conf)
+        self.relay = relay
+        if self.relay is None and conf.relay.enabled:
+            self.relay = relay_mod.RelayMember(conf)
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=conf.agent.background_workers,
+            thread_name_prefix='thunder-worker')
 
     # -- lifecycle -------------------------------------------------------
     def start(self):
-        self.backend.start()
-        self.reconcile()
+        """Load the records and bring the data plane in line with them.
+
+        Returns once records are loaded: templates whose data plane needs
+        rebuilding are repaired in the background (a prepare of such an
+        image waits for its repair), so an agent with 50 templates behind
+        a dead parent answers RPC at once.
+        """
+        self.store.prepare()
+        self.driver.start()
+        loaded = self.store.load()
+        for image_id, record in loaded.templates.items():
+            self.templates[image_id] = _Entry(record)
+        for instance_id, record in loaded.snapshots.items():
+            self.snapshots[instance_id] = _SnapEntry(record)
+            entry = self.templates.get(record.image_id)
+            if entry is not None:
+                entry.snapshots.add(instance_id)
+        self._reconcile()
         if self.relay and self.conf.relay.rate_limit_mbit:
             from thunder_agent import ratelimit
             ratelimit.limit(self.conf.relay.interface,
@@ -57,119 +136,527 @@ class AgentManager:
                                        self.conf.relay.port_max + 1)))
 
     def stop(self):
-        with self.lock:
-            for template in self.templates.values():
+        """Flush caches and save records; the data plane keeps running."""
+        for entry in self._entries():
+            if entry.prefetcher is not None:
+                entry.prefetcher.cancel()
+            with entry.cond:
+                ready = entry.record.state == READY and not entry.gone
+                view = entry.view()
+            if ready:
                 with contextlib.suppress(exception.ThunderException):
-                    self.backend.flush_template(
-                        template, self._tdir(template.image_id))
-                self.store.save_template(template)
-            self.backend.stop()
+                    self.driver.flush_template(view, self._tdir(view))
+            self._save_if_dirty(entry)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.driver.stop()
 
-    def reconcile(self):
-        """Bring records and the data plane back in line after a start."""
-        with self.lock:
-            self.templates = self.store.load_templates()
-            self.snapshots = self.store.load_snapshots()
-            self._drop_unfinished(self.store.templates_dir, self.templates)
-            self._drop_unfinished(self.store.snapshots_dir, self.snapshots)
-            for template in self.templates.values():
-                try:
-                    template.export = self.backend.ensure_template(
-                        template, self._tdir(template.image_id))
-                    self.store.save_template(template)
-                except exception.ThunderException as e:
-                    # Kept: housekeeping retries (the source may be down).
-                    LOG.error('Template %s not restored: %s',
-                              template.image_id, e)
-            for snap in self.snapshots.values():
-                template = self.templates.get(snap.image_id)
-                if template is None:
-                    LOG.error('Snapshot %s has no template %s',
-                              snap.instance_id, snap.image_id)
-                    continue
-                try:
-                    snap.connection_info = self.backend.ensure_snapshot(
-                        template, self._tdir(template.image_id), snap,
-                        self._sdir(snap.instance_id))
-                except exception.ThunderException as e:
-                    LOG.error('Snapshot %s not restored: %s',
-                              snap.instance_id, e)
-            LOG.info('Reconciled %d templates and %d snapshots',
-                     len(self.templates), len(self.snapshots))
+    def _reconcile(self):
+        for entry in self._entries():
+            record = entry.record
+            if record.state == CREATING:
+                # Never handed out: Nova got no answer for it.
+                LOG.warning('Template %s was being created when the agent '
+                            'stopped; removing what was built',
+                            record.image_id)
+                self._discard_build(entry)
+            elif record.state == DELETING:
+                self._submit(entry, 'delete', self._finish_delete, entry)
+            else:
+                self._submit(entry, 'restore', self._repair, entry,
+                             'restore')
+        for snap in list(self.snapshots.values()):
+            self._reconcile_snapshot(snap)
+        LOG.info('Loaded %d templates and %d snapshots',
+                 len(self.templates), len(self.snapshots))
 
-    def _drop_unfinished(self, directory, records):
-        # A directory without a record is a create that crashed midway.
-        for name in os.listdir(directory):
-            if name not in records:
-                LOG.warning('Removing unfinished %s', os.path.join(
-                    directory, name))
-                if directory == self.store.templates_dir:
-                    # Its daemon may have started before the crash.
-                    with contextlib.suppress(Exception):
-                        self.backend.delete_template(
-                            _Stub(name), os.path.join(directory, name))
-                    self.store.remove_template(name)
-                else:
-                    self.store.remove_snapshot(name)
+    def _reconcile_snapshot(self, snap):
+        record = snap.record
+        entry = self.templates.get(record.image_id)
+        if record.state in (CREATING, DELETING):
+            # CREATING: never handed out, so it holds no VM write.
+            # DELETING: its delete was asked for.
+            LOG.warning('Finishing the %s of snapshot %s', 'deletion'
+                        if record.state == DELETING else 'undoing',
+                        record.instance_id)
+            if entry is not None:
+                with contextlib.suppress(exception.ThunderException):
+                    self.driver.delete_snapshot(
+                        entry.view(), self._tdir(entry.record), record,
+                        self._sdir(record.instance_id))
+                entry.snapshots.discard(record.instance_id)
+            self.store.remove_snapshot(record.instance_id)
+            del self.snapshots[record.instance_id]
+            return
+        if entry is None:
+            LOG.error('Snapshot %s has no template %s on this host; its '
+                      'overlay is kept', record.instance_id, record.image_id)
+            return
+        # Restored once its template is: the repair job does it.
 
-    def _tdir(self, image_id):
-        return self.store.template_dir(image_id)
+    def _restore_snapshots(self, entry):
+        for instance_id in sorted(entry.snapshots):
+            snap = self.snapshots.get(instance_id)
+            if snap is None or snap.record.state != READY:
+                continue
+            try:
+                info = self.driver.ensure_snapshot(
+                    entry.view(), self._tdir(entry.record), snap.record,
+                    self._sdir(instance_id))
+            except exception.ThunderException as e:
+                LOG.error('Snapshot %s not restored: %s', instance_id, e)
+                continue
+            if info != snap.record.connection_info:
+                snap.record.connection_info = info
+                self.store.save_snapshot(snap.record)
+
+    # -- helpers ---------------------------------------------------------
+    def _tdir(self, record):
+        return self.store.template_dir(record.image_id)
 
     def _sdir(self, instance_id):
         return self.store.snapshot_dir(instance_id)
 
+    def _entries(self):
+        with self._map_lock:
+            return list(self.templates.values())
+
+    def _deadline(self, seconds=None):
+        return self._clock() + (self.conf.agent.prepare_timeout
+                                if seconds is None else seconds)
+
+    def _wait(self, entry, predicate, deadline, what):
+        """Wait on *entry*'s condition (held) until *predicate*; raise
+        TemplateBusy at *deadline*."""
+        while not predicate():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise exception.TemplateBusy(
+                    image_id=entry.record.image_id,
+                    operation=entry.exclusive or entry.record.state,
+                    waited=what)
+            entry.cond.wait(min(remaining, 1.0))
+
+    @contextlib.contextmanager
+    def _exclusive(self, entry, operation, deadline=None):
+        """Run *operation* alone on the template. With no *deadline* it is
+        taken only if free at once (periodic work skips busy templates:
+        raises _Busy)."""
+        with entry.cond:
+            if entry.gone:
+                raise exception.TemplateNotFound(
+                    image_id=entry.record.image_id)
+            if deadline is None:
+                if entry.exclusive or entry.shared:
+                    raise _Busy()
+            else:
+                entry.exclusive_waiting += 1
+                try:
+                    self._wait(entry, lambda: entry.gone or not (
+                        entry.exclusive or entry.shared), deadline,
+                        operation)
+                finally:
+                    entry.exclusive_waiting -= 1
+                if entry.gone:
+                    raise exception.TemplateNotFound(
+                        image_id=entry.record.image_id)
+            entry.exclusive = operation
+        try:
+            yield
+        finally:
+            with entry.cond:
+                entry.exclusive = None
+                entry.cond.notify_all()
+
+    @contextlib.contextmanager
+    def _shared(self, entry, operation, deadline):
+        """Use the template alongside other shared operations, once it is
+        READY and no exclusive operation runs or waits."""
+        with entry.cond:
+            self._wait(entry, lambda: entry.gone or (
+                entry.record.state != CREATING and not entry.exclusive
+                and not entry.exclusive_waiting), deadline, operation)
+            if entry.gone or entry.record.state != READY:
+                raise exception.TemplateNotFound(
+                    image_id=entry.record.image_id)
+            entry.shared += 1
+        try:
+            yield
+        finally:
+            with entry.cond:
+                entry.shared -= 1
+                entry.cond.notify_all()
+
+    def _submit(self, entry, job, fn, *args):
+        """Queue background work on a template once (skipped while the
+        same job is queued or running)."""
+        with entry.cond:
+            if job in entry.in_flight or entry.gone:
+                return None
+            entry.in_flight.add(job)
+
+        def run():
+            try:
+                fn(*args)
+            except _Busy:
+                pass
+            except Exception:
+                LOG.exception('%s of template %s failed', job,
+                              entry.record.image_id)
+            finally:
+                with entry.cond:
+                    entry.in_flight.discard(job)
+        try:
+            return self._workers.submit(run)
+        except RuntimeError:
+            # Shutting down.
+            with entry.cond:
+                entry.in_flight.discard(job)
+            return None
+
+    def _save(self, entry):
+        """Save the record (entry.cond held)."""
+        self.store.save_template(entry.record)
+        entry.dirty = False
+
+    def _save_if_dirty(self, entry):
+        with entry.cond:
+            if entry.dirty and not entry.gone:
+                self._save(entry)
+
+    def _touch(self, entry):
+        with entry.cond:
+            entry.record.last_used_at = self._wall()
+            entry.dirty = True
+
     # -- templates -------------------------------------------------------
-    def prepare_template(self, image_id, origin, size, image_format):
+    def prepare_template(self, image_id, origin, size, image_format,
+                         deadline=None):
+        """Ensure the template of *image_id* exists and is READY; returns
+        its status. Concurrent calls for one image share one build."""
         image_id = validation.image_id(image_id)
-        origin = validation.origin(origin, self.conf.agent.file_origin_dirs)
+        origin = records.Endpoint.from_dict(validation.origin(
+            origin, self.conf.agent.file_origin_dirs))
         size = validation.size(size)
         image_format = validation.image_format(image_format)
-        with self.lock:
-            template = self.templates.get(image_id)
-            if template is not None:
+        self.driver.check_origin(origin)
+        deadline = deadline or self._deadline()
+        while True:
+            with self._map_lock:
+                entry = self.templates.get(image_id)
+                build = entry is None
+                if build:
+                    entry = _Entry(records.Template(
+                        image_id=image_id, origin=origin, size=size,
+                        image_format=image_format, driver=self.driver.name,
+                        sources=[records.Source.origin(origin)]))
+                    entry.exclusive = 'create'
+                    self.templates[image_id] = entry
+            if build:
+                self._build(entry, deadline)
+            with entry.cond:
+                self._wait(entry, lambda: entry.gone or (
+                    entry.record.state == READY
+                    and entry.exclusive != 'create'), deadline, 'prepare')
+                if entry.gone:
+                    if entry.error is not None:
+                        raise _copy_error(entry.error)
+                    continue        # deleted meanwhile: build anew
+                record = entry.record
                 for field, asked in (('origin', origin), ('size', size),
                                      ('image_format', image_format)):
-                    existing = getattr(template, field)
+                    existing = getattr(record, field)
                     if existing != asked:
                         raise exception.TemplateMismatch(
                             image_id=image_id, field=field,
-                            existing=existing, asked=asked)
-                template.last_used_at = time.time()
-                self.store.save_template(template)
-                return self._template_status(template, stats=False)
-            info = self.backend.probe_origin(origin, image_format)
-            if size > info.size:
+                            existing=_describe(existing),
+                            asked=_describe(asked))
+            self._touch(entry)
+            return self._status(entry, stats=False)
+
+    def _build(self, entry, deadline):
+        """Build a new template (entry.exclusive == 'create', no lock)."""
+        record = entry.record
+        image_id = record.image_id
+        started = self._clock()
+        try:
+            info = self.driver.probe_source(record.source, record.image_format)
+            if record.size > info.size:
                 raise exception.InvalidSize(
-                    size=size, reason='larger than the origin (%d bytes)'
-                                      % info.size)
-            self._make_room()
-            template = state.Template(
-                image_id=image_id, origin=origin, size=size,
-                image_format=image_format, backend=self.backend.name,
-                sources=[origin])
-            if self.relay and self.relay.takes_part(origin, image_id):
-                self._join_tree(template)
-            tdir = self._tdir(image_id)
-            os.makedirs(tdir, mode=0o750)
+                    size=record.size,
+                    reason='larger than the origin (%d bytes)' % info.size)
+            self._make_room(exclude=image_id)
+            relaying = bool(self.relay) and self.driver.can_relay(
+                image_id, record.origin)
+            if relaying:
+                address = self._reserve_address(entry)
+            with entry.cond:
+                self._save(entry)       # CREATING, before any data plane
+            if relaying:
+                self._place(entry, address, deadline)
+            with entry.cond:
+                self._save(entry)
+                view = entry.view()
+            built = self.driver.create_template(view, self._tdir(view))
+        except BaseException as e:
+            with excutils.save_and_reraise_exception():
+                LOG.error('Template %s not created: %s', image_id, e)
+                entry.error = e
+                self._discard_build(entry)
+        with entry.cond:
+            record.export = built.export
+            if built.driver_state is not None:
+                record.driver_state = built.driver_state
+            record.state = READY
+            self._save(entry)
+            entry.exclusive = None
+            entry.cond.notify_all()
+        LOG.info('Template %s ready in %.1f s (%d bytes, %s origin, '
+                 'reading from %s)', image_id, self._clock() - started,
+                 record.size, record.origin.driver_volume_type,
+                 record.source.node)
+        self._start_prefetch(entry, automatic=True)
+
+    def _discard_build(self, entry):
+        """Undo a build that failed or was interrupted by a crash."""
+        record = entry.record
+        tdir = self._tdir(record)
+        with contextlib.suppress(exception.ThunderException):
+            self.driver.delete_template(copy.deepcopy(record), tdir)
+        if record.relay is not None and self.relay is not None:
             try:
-                template.export = self.backend.create_template(template, tdir)
-            except Exception as e:
-                LOG.exception('Creating template %s failed', image_id)
-                with contextlib.suppress(Exception):
-                    self.backend.delete_template(template, tdir)
-                if template.relay:
-                    with contextlib.suppress(Exception):
-                        self.relay.leave(image_id)
-                self.store.remove_template(image_id)
-                if isinstance(e, exception.ThunderException):
-                    raise
-                raise exception.BackendError(reason=str(e))
-            self.store.save_template(template)
-            self.templates[image_id] = template
-            LOG.info('Template %s ready (%d bytes, %s origin)', image_id,
-                     size, origin['driver_volume_type'])
-            self._start_prefetch(template, automatic=True)
-            return self._template_status(template, stats=False)
+                self.relay.leave(record.image_id)
+            except (relay_mod.CoordinatorUnavailable,
+                    exception.ThunderException) as e:
+                # Its heartbeats stop listing the image: the coordinator
+                # drops it within a heartbeat interval.
+                LOG.info('Template %s not taken out of its tree now: %s',
+                         record.image_id, e)
+        self.store.remove_template(record.image_id)
+        with self._map_lock:
+            if self.templates.get(record.image_id) is entry:
+                del self.templates[record.image_id]
+        with entry.cond:
+            entry.gone = True
+            entry.exclusive = None
+            entry.cond.notify_all()
+
+    def _reserve_address(self, entry):
+        """Give a new relaying template its export address. Under the map
+        lock (a bind test per port, no wait) so that two builds never get
+        the same port."""
+        with self._map_lock:
+            taken = {e.record.export.relay for e in self.templates.values()
+                     if e.record.export is not None
+                     and e.record.export.relay is not None}
+            address = self.driver.relay_address(entry.record.image_id, taken)
+            with entry.cond:
+                entry.record.export = records.Export(self.driver.name, {},
+                                                     address)
+                entry.record.relay = records.RelayState()
+            return address
+
+    def _place(self, entry, address, deadline):
+        """Join the image's tree and settle the first source: the parent
+        the coordinator names once it serves, else the origin."""
+        record = entry.record
+        try:
+            placement = self.relay.join(record.image_id, address,
+                                        record.origin)
+        except relay_mod.CoordinatorUnavailable as e:
+            # Booting matters more than relaying: read from the origin;
+            # the next heartbeat enters the tree.
+            LOG.warning('Template %s reads from its origin: no '
+                        'coordinator (%s)', record.image_id, e)
+            return
+        except exception.InvalidInput as e:
+            LOG.error('Template %s reads from its origin: the coordinator '
+                      'answered nonsense (%s)', record.image_id, e)
+            return
+        with entry.cond:
+            record.relay.children = list(placement.children)
+        if placement.parent == ORIGIN or not placement.known:
+            return
+        source = self.driver.parent_source(placement.parent,
+                                           placement.address,
+                                           record.image_id)
+        wait = min(self.conf.relay.parent_ready_timeout,
+                   max(0.0, deadline - self._clock() - ANSWER_MARGIN))
+        if self._wait_ready(source, wait):
+            with entry.cond:
+                record.sources = [source]
+                record.relay.parent = placement.parent
+            LOG.info('Template %s joins the tree of its image under %s',
+                     record.image_id, placement.parent)
+            return
+        LOG.warning('Parent %s of template %s does not serve after %.1f s; '
+                    'reading from the origin and reporting it',
+                    placement.parent, record.image_id, wait)
+        self._submit(entry, 'report', self._report_failure, entry,
+                     placement.parent)
+
+    def _wait_ready(self, source, seconds):
+        deadline = self._clock() + seconds
+        while True:
+            try:
+                if self.driver.source_ready(source):
+                    return True
+            except exception.ThunderException as e:
+                LOG.debug('Source %s not ready: %s', source.node, e)
+            if self._clock() >= deadline:
+                return False
+            time.sleep(self.driver.ready_poll_interval)
+
+    def release_template(self, image_id):
+        """Remove the template now; refused while it is in use."""
+        image_id = validation.image_id(image_id)
+        entry = self._get(image_id)
+        self._delete(entry, wait=True)
+        return {'image_id': image_id, 'deleted': True}
+
+    def collect_garbage(self, max_idle=None):
+        """Remove templates idle (no snapshot, no child) for *max_idle*
+        seconds (default [agent] template_grace_period)."""
+        if max_idle is None:
+            max_idle = self.conf.agent.template_grace_period
+        if isinstance(max_idle, bool) or not isinstance(
+                max_idle, (int, float)) or max_idle < 0:
+            raise exception.InvalidInput(
+                reason='max_idle must be a number of seconds >= 0')
+        now = self._wall()
+        collected = []
+        for entry in sorted(self._entries(),
+                            key=lambda e: e.record.last_used_at):
+            if now - entry.record.last_used_at < max_idle:
+                continue
+            try:
+                self._delete(entry, wait=False)
+            except (exception.TemplateInUse, exception.TemplateNotFound,
+                    _Busy) as e:
+                LOG.debug('Not collected: %s', e)
+                continue
+            collected.append(entry.record.image_id)
+        if collected:
+            LOG.info('Collected idle templates %s', collected)
+        return collected
+
+    def _get(self, image_id):
+        with self._map_lock:
+            entry = self.templates.get(image_id)
+        if entry is None:
+            raise exception.TemplateNotFound(image_id=image_id)
+        return entry
+
+    @staticmethod
+    def _busy_reason(entry):
+        """Why the template must stay (entry.cond held), or None."""
+        if entry.snapshots:
+            return '%d snapshot(s)' % len(entry.snapshots)
+        if entry.record.relay and entry.record.relay.children:
+            return 'child node(s) %s' % ', '.join(
+                entry.record.relay.children)
+        if entry.record.state != READY:
+            return 'it is %s' % entry.record.state
+        return None
+
+    def _delete(self, entry, wait):
+        """Delete an unused template: coordinator first (its children move
+        away), then the data plane, then the record."""
+        image_id = entry.record.image_id
+        deadline = self._deadline(SHARED_WAIT) if wait else None
+        with self._exclusive(entry, 'delete', deadline):
+            with entry.cond:
+                reason = self._busy_reason(entry)
+                if reason:
+                    raise exception.TemplateInUse(image_id=image_id,
+                                                  reason=reason)
+                entry.record.state = DELETING
+                self._save(entry)
+            try:
+                self._leave_tree(entry)
+                self._stop_prefetch(entry)
+                self.driver.delete_template(entry.view(),
+                                            self._tdir(entry.record))
+            except exception.TemplateInUse:
+                with excutils.save_and_reraise_exception():
+                    with entry.cond:
+                        entry.record.state = READY
+                        self._save(entry)
+            except exception.ThunderException:
+                with excutils.save_and_reraise_exception():
+                    # Half torn down: housekeeping finishes the delete.
+                    LOG.error('Deleting template %s failed; will retry',
+                              image_id)
+            self._forget(entry)
+        LOG.info('Template %s deleted', image_id)
+
+    def _finish_delete(self, entry):
+        """Retry an interrupted delete (a DELETING record)."""
+        with self._exclusive(entry, 'delete'):
+            self._leave_tree(entry)
+            self._stop_prefetch(entry)
+            self.driver.delete_template(entry.view(),
+                                        self._tdir(entry.record))
+            self._forget(entry)
+        LOG.info('Template %s deleted', entry.record.image_id)
+
+    def _leave_tree(self, entry):
+        record = entry.record
+        if record.relay is None or self.relay is None:
+            return
+        try:
+            pending = self.relay.leave(record.image_id)
+        except relay_mod.CoordinatorUnavailable as e:
+            raise exception.TemplateInUse(
+                image_id=record.image_id,
+                reason='the coordinator cannot be asked to move its '
+                       'children away (%s)' % e)
+        if pending:
+            with entry.cond:
+                record.relay.children = pending
+            raise exception.TemplateInUse(
+                image_id=record.image_id,
+                reason='children %s are still being moved' % pending)
+
+    def _forget(self, entry):
+        self.store.remove_template(entry.record.image_id)
+        with self._map_lock:
+            if self.templates.get(entry.record.image_id) is entry:
+                del self.templates[entry.record.image_id]
+        with entry.cond:
+            entry.gone = True
+            entry.cond.notify_all()
+
+    def _cache_used(self):
+        used = 0
+        for entry in self._entries():
+            with entry.cond:
+                view = entry.view()
+            with contextlib.suppress(OSError, exception.ThunderException):
+                used += self.driver.disk_usage(view, self._tdir(view))
+        return used
+
+    def _make_room(self, exclude=None):
+        """Evict idle templates, least recently used first, until the
+        cache is below [cache] size_limit_mb."""
+        limit = self.conf.cache.size_limit_mb * MIB
+        used = self._cache_used()
+        refused = {exclude}
+        while used >= limit:
+            idle = [e for e in self._entries()
+                    if e.record.image_id not in refused
+                    and e.record.state == READY and not e.snapshots]
+            if not idle:
+                raise exception.CacheFull(used=used, limit=limit)
+            victim = min(idle, key=lambda e: e.record.last_used_at)
+            refused.add(victim.record.image_id)
+            LOG.info('Cache at %d of %d bytes: evicting idle template %s',
+                     used, limit, victim.record.image_id)
+            try:
+                self._delete(victim, wait=False)
+            except (exception.TemplateInUse, exception.TemplateNotFound,
+                    _Busy) as e:
+                LOG.info('Not evicted: %s', e)
+            used = self._cache_used()
 
     # -- prefetch --------------------------------------------------------
     def prefetch(self, image_id, mode='full', rate_mb=None):
@@ -185,20 +672,22 @@ class AgentManager:
                                     rate_mb <= 0):
             raise exception.InvalidInput(
                 reason='rate_mb must be a positive number of MiB/s')
-        with self.lock:
-            template = self._get_template(image_id)
-            if mode == 'trace' and self._trace_of(image_id) is None:
-                raise exception.InvalidInput(
-                    reason='no boot trace for image %s in %s'
-                           % (image_id, self._trace_dir()))
-            return self._start_prefetch(template, mode=mode, rate_mb=rate_mb)
+        entry = self._get(image_id)
+        if entry.record.state != READY:
+            raise exception.TemplateBusy(image_id=image_id,
+                                         operation=entry.record.state,
+                                         waited='prefetch')
+        if mode == 'trace' and self._trace_of(image_id) is None:
+            raise exception.InvalidInput(
+                reason='no boot trace for image %s in %s'
+                       % (image_id, self._trace_dir()))
+        return self._start_prefetch(entry, mode=mode, rate_mb=rate_mb)
 
     def _trace_dir(self):
         return self.conf.prefetch.trace_dir or os.path.join(
             self.conf.agent.state_path, 'traces')
 
     def _trace_of(self, image_id):
-        from thunder_agent import trace as trace_mod
         path = os.path.join(self._trace_dir(), image_id + '.trace')
         if not os.path.exists(path):
             return None
@@ -208,372 +697,453 @@ class AgentManager:
             LOG.error('Ignoring the boot trace of %s: %s', image_id, e)
             return None
 
-    def _start_prefetch(self, template, mode=None, rate_mb=None,
+    def _start_prefetch(self, entry, mode=None, rate_mb=None,
                         automatic=False):
-        from thunder_agent import prefetch as prefetch_mod
-        image_id = template.image_id
-        address = prefetch_mod.NbdAddress.from_export(template.export)
+        with entry.cond:
+            view = entry.view()
+        image_id = view.image_id
+        try:
+            target = self.driver.prefetch_target(view, self._tdir(view))
+        except exception.ThunderException as e:
+            if automatic:
+                LOG.warning('No prefetch of %s: %s', image_id, e)
+                return None
+            raise
         jobs = []
         if mode in (None, 'trace'):
             trace = self._trace_of(image_id)
             if trace is not None:
                 jobs.append(prefetch_mod.TracePrefetcher(
-                    address, trace, granularity=self.conf.cache.cluster_size,
+                    target, trace, granularity=self.conf.cache.cluster_size,
                     concurrency=self.conf.prefetch.concurrency))
         if mode == 'full' or (automatic and self.conf.prefetch.full_rate_mb):
             rate = rate_mb or self.conf.prefetch.full_rate_mb or 1 << 20
             jobs.append(prefetch_mod.FullPrefetcher(
-                address, template.size, int(rate * MIB)))
+                target, view.size, int(rate * MIB)))
         if not jobs:
             return None
-        old = self.prefetchers.get(image_id)
+        runner = _PrefetchChain(jobs)
+        with entry.cond:
+            old, entry.prefetcher = entry.prefetcher, runner
         if old is not None:
             old.cancel()
-        runner = _PrefetchChain(jobs)
-        self.prefetchers[image_id] = runner.start()
+        runner.start()
         LOG.info('Prefetching template %s: %s', image_id,
                  ', '.join(j.kind for j in jobs))
         return runner.status()
 
-    def _join_tree(self, template):
-        template.export = {'host': self.conf.relay.listen_address,
-                           'port': self._free_port()}
-        try:
-            parent, source = self.relay.join(template)
-        except messaging.MessagingException as e:
-            # Booting matters more than relaying: read from the origin; the
-            # next heartbeat enters the tree.
-            LOG.warning('Coordinator unreachable (%s); template %s reads '
-                        'from the origin for now', e, template.image_id)
-            parent, source = ORIGIN, template.origin
-        template.sources = [source]
-        template.relay = {'parent': parent, 'failures': 0}
-        LOG.info('Template %s joins the relay tree under %s',
-                 template.image_id, parent)
-        if parent != ORIGIN:
-            self._wait_for_parent(template, source)
-
-    def _wait_for_parent(self, template, source):
-        """Return once the parent serves the image, or after [relay]
-        parent_ready_timeout (the graph's own reconnects take over)."""
-        timeout = self.conf.relay.parent_ready_timeout
-        started = time.monotonic()
-        while True:
-            try:
-                self.backend.probe_origin(source, 'raw')
-                waited = time.monotonic() - started
-                if waited > PARENT_POLL_INTERVAL:
-                    LOG.info('Parent of template %s serves after %.2f s',
-                             template.image_id, waited)
-                return
-            except exception.ThunderException as e:
-                if time.monotonic() - started >= timeout:
-                    LOG.warning('Parent of template %s does not serve yet '
-                                '(%s); building the template anyway',
-                                template.image_id, e)
-                    return
-            time.sleep(PARENT_POLL_INTERVAL)
-
-    def _free_port(self):
-        used = {t.export.get('port') for t in self.templates.values()}
-        address = self.conf.relay.listen_address
-        for port in range(self.conf.relay.port_min,
-                          self.conf.relay.port_max + 1):
-            if port in used:
-                continue
-            try:
-                family = socket.AF_INET6 if ':' in address else socket.AF_INET
-                with socket.socket(family) as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind((address, port))
-                return port
-            except OSError:
-                continue
-        raise exception.BackendError(
-            reason='no free relay port in %d-%d on %s'
-                   % (self.conf.relay.port_min, self.conf.relay.port_max,
-                      address))
-
-    def release_template(self, image_id):
-        image_id = validation.image_id(image_id)
-        with self.lock:
-            template = self._get_template(image_id)
-            reason = self._busy_reason(template)
-            if reason:
-                raise exception.TemplateInUse(image_id=image_id,
-                                              reason=reason)
-            self._delete_template(template)
-            return {'image_id': image_id, 'deleted': True}
-
-    def collect_garbage(self, max_idle=None):
-        if max_idle is None:
-            max_idle = self.conf.agent.template_grace_period
-        if isinstance(max_idle, bool) or not isinstance(
-                max_idle, (int, float)) or max_idle < 0:
-            raise exception.InvalidInput(
-                reason='max_idle must be a number of seconds >= 0')
-        now = time.time()
-        collected = []
-        with self.lock:
-            for template in sorted(self.templates.values(),
-                                   key=lambda t: t.last_used_at):
-                if (not self._busy_reason(template)
-                        and now - template.last_used_at >= max_idle):
-                    try:
-                        self._delete_template(template)
-                    except exception.TemplateInUse as e:
-                        LOG.info('Not collected: %s', e)
-                        continue
-                    collected.append(template.image_id)
-        if collected:
-            LOG.info('Collected idle templates %s', collected)
-        return collected
-
-    def _get_template(self, image_id):
-        try:
-            return self.templates[image_id]
-        except KeyError:
-            raise exception.TemplateNotFound(image_id=image_id)
-
-    def _snapshots_of(self, image_id):
-        return [s for s in self.snapshots.values() if s.image_id == image_id]
-
-    def _busy_reason(self, template):
-        snaps = self._snapshots_of(template.image_id)
-        if snaps:
-            return '%d snapshot(s)' % len(snaps)
-        if template.children:
-            return '%d child node(s)' % len(template.children)
-        return None
-
-    def _delete_template(self, template):
-        if template.relay:
-            # Children are moved away before the export goes.
-            try:
-                pending = self.relay.leave(template.image_id)
-            except messaging.MessagingException as e:
-                raise exception.TemplateInUse(
-                    image_id=template.image_id,
-                    reason='the coordinator cannot be asked to move its '
-                           'children away (%s)' % e)
-            if pending:
-                template.children = pending
-                raise exception.TemplateInUse(
-                    image_id=template.image_id,
-                    reason='children %s are still being moved' % pending)
-        prefetcher = self.prefetchers.pop(template.image_id, None)
+    def _stop_prefetch(self, entry):
+        with entry.cond:
+            prefetcher, entry.prefetcher = entry.prefetcher, None
         if prefetcher is not None:
             prefetcher.cancel()
             prefetcher.wait(10)
-        tdir = self._tdir(template.image_id)
-        self.backend.delete_template(template, tdir)
-        self.store.remove_template(template.image_id)
-        del self.templates[template.image_id]
-        LOG.info('Template %s deleted', template.image_id)
-
-    def _cache_used(self):
-        return sum(self.backend.disk_usage(t, self._tdir(t.image_id))
-                   for t in self.templates.values())
-
-    def _make_room(self):
-        """Evict idle templates, least recently used first, until the
-        cache is below its limit."""
-        limit = self.conf.cache.size_limit_mb * MIB
-        used = self._cache_used()
-        refused = set()
-        while used >= limit:
-            idle = sorted((t for t in self.templates.values()
-                           if not self._busy_reason(t)
-                           and t.image_id not in refused),
-                          key=lambda t: t.last_used_at)
-            if not idle:
-                raise exception.CacheFull(used=used, limit=limit)
-            victim = idle[0]
-            LOG.info('Cache at %d of %d bytes: evicting idle template %s',
-                     used, limit, victim.image_id)
-            try:
-                self._delete_template(victim)
-            except exception.TemplateInUse as e:
-                LOG.info('Not evicted: %s', e)
-                refused.add(victim.image_id)
-            used = self._cache_used()
 
     # -- snapshots -------------------------------------------------------
-    def create_snapshot(self, image_id, instance_id):
+    def create_snapshot(self, image_id, instance_id, deadline=None):
         image_id = validation.image_id(image_id)
         instance_id = validation.instance_id(instance_id)
-        with self.lock:
-            template = self._get_template(image_id)
+        deadline = deadline or self._deadline(SHARED_WAIT)
+        with self._map_lock:
             if instance_id in self.snapshots:
                 raise exception.SnapshotExists(instance_id=instance_id)
-            sdir = self._sdir(instance_id)
-            os.makedirs(sdir, mode=0o750)
-            snap = state.Snapshot(instance_id=instance_id, image_id=image_id)
-            try:
-                snap.connection_info = self.backend.create_snapshot(
-                    template, self._tdir(image_id), instance_id, sdir)
-            except Exception as e:
-                LOG.exception('Creating snapshot %s failed', instance_id)
-                with contextlib.suppress(Exception):
-                    self.backend.delete_snapshot(
-                        template, self._tdir(image_id), snap, sdir)
-                self.store.remove_snapshot(instance_id)
-                if isinstance(e, exception.ThunderException):
-                    raise
-                raise exception.BackendError(reason=str(e))
-            self.store.save_snapshot(snap)
+            entry = self.templates.get(image_id)
+            if entry is None:
+                raise exception.TemplateNotFound(image_id=image_id)
+            snap = _SnapEntry(records.Snapshot(instance_id=instance_id,
+                                               image_id=image_id))
+            snap.busy = True
             self.snapshots[instance_id] = snap
-            template.last_used_at = time.time()
-            self.store.save_template(template)
-            LOG.info('Snapshot %s created on template %s', instance_id,
-                     image_id)
-            return snap.connection_info
+        sdir = self._sdir(instance_id)
+        try:
+            with self._shared(entry, 'snapshot', deadline):
+                with entry.cond:
+                    entry.snapshots.add(instance_id)
+                    view = entry.view()
+                self.store.save_snapshot(snap.record)       # CREATING
+                info = self.driver.create_snapshot(
+                    view, self._tdir(view), instance_id, sdir)
+                snap.record.connection_info = info
+                snap.record.state = READY
+                self.store.save_snapshot(snap.record)
+        except BaseException as e:
+            with excutils.save_and_reraise_exception():
+                LOG.error('Snapshot %s not created: %s', instance_id, e)
+                if os.path.isdir(sdir):
+                    with contextlib.suppress(exception.ThunderException):
+                        self.driver.delete_snapshot(
+                            entry.view(), self._tdir(entry.record),
+                            snap.record, sdir)
+                    self.store.remove_snapshot(instance_id)
+                with entry.cond:
+                    entry.snapshots.discard(instance_id)
+                with self._map_lock:
+                    del self.snapshots[instance_id]
+        snap.busy = False
+        self._touch(entry)
+        LOG.info('Snapshot %s created on template %s', instance_id,
+                 image_id)
+        return copy.deepcopy(info)
 
     def prepare(self, image_id, origin, size, image_format, instance_id):
-        # Check the instance id too before building anything.
+        """Template and snapshot in one call; returns connection_info."""
         validation.instance_id(instance_id)
-        with self.lock:
-            self.prepare_template(image_id, origin, size, image_format)
-            return self.create_snapshot(image_id, instance_id)
+        deadline = self._deadline()
+        self.prepare_template(image_id, origin, size, image_format,
+                              deadline=deadline)
+        return self.create_snapshot(image_id, instance_id, deadline=deadline)
 
     def delete_snapshot(self, instance_id):
         instance_id = validation.instance_id(instance_id)
-        with self.lock:
+        with self._map_lock:
             snap = self.snapshots.get(instance_id)
             if snap is None:
                 raise exception.SnapshotNotFound(instance_id=instance_id)
-            template = self.templates.get(snap.image_id)
-            if template is not None:
-                self.backend.delete_snapshot(
-                    template, self._tdir(template.image_id), snap,
-                    self._sdir(instance_id))
-                template.last_used_at = time.time()
-                self.store.save_template(template)
-            self.store.remove_snapshot(instance_id)
+            if snap.busy:
+                raise exception.SnapshotInUse(
+                    instance_id=instance_id,
+                    reason='it is being created or deleted')
+            snap.busy = True
+            entry = self.templates.get(snap.record.image_id)
+        try:
+            if entry is not None:
+                with self._shared(entry, 'snapshot', self._deadline(
+                        SHARED_WAIT)):
+                    self._delete_snapshot(entry, snap)
+            else:
+                # Its template record was lost: the layer is a file (or
+                # device) only this request still names.
+                sdir = self._sdir(instance_id)
+                users = self.driver.snapshot_users(None, snap.record, sdir)
+                if users:
+                    raise exception.SnapshotInUse(instance_id=instance_id,
+                                                  reason=users)
+                self.driver.delete_snapshot(None, None, snap.record, sdir)
+                self.store.remove_snapshot(instance_id)
+        except BaseException:
+            with excutils.save_and_reraise_exception():
+                snap.busy = False
+        with self._map_lock:
             del self.snapshots[instance_id]
-            LOG.info('Snapshot %s deleted', instance_id)
-            return {'instance_id': instance_id, 'deleted': True}
+        if entry is not None:
+            with entry.cond:
+                entry.snapshots.discard(instance_id)
+            self._touch(entry)
+        LOG.info('Snapshot %s deleted', instance_id)
+        return {'instance_id': instance_id, 'deleted': True}
 
-    # -- status and housekeeping -----------------------------------------
-    def _template_status(self, template, stats=True):
+    def _delete_snapshot(self, entry, snap):
+        view = entry.view()
+        sdir = self._sdir(snap.record.instance_id)
+        users = self.driver.snapshot_users(view, snap.record, sdir)
+        if users:
+            raise exception.SnapshotInUse(
+                instance_id=snap.record.instance_id, reason=users)
+        snap.record.state = DELETING
+        self.store.save_snapshot(snap.record)
+        self.driver.delete_snapshot(view, self._tdir(view), snap.record,
+                                    sdir)
+        self.store.remove_snapshot(snap.record.instance_id)
+
+    # -- status ----------------------------------------------------------
+    def _status(self, entry, stats=True):
+        with entry.cond:
+            record = entry.view()
+            busy = entry.exclusive
+            snapshots = sorted(entry.snapshots)
+            prefetcher = entry.prefetcher
         status = {
-            'image_id': template.image_id,
-            'size': template.size,
-            'image_format': template.image_format,
-            'backend': template.backend,
-            'origin': template.origin,
-            'sources': template.sources,
-            'export': template.export,
-            'children': template.children,
-            'snapshots': sorted(s.instance_id for s in
-                                self._snapshots_of(template.image_id)),
-            'created_at': template.created_at,
-            'last_used_at': template.last_used_at,
+            'image_id': record.image_id,
+            'state': record.state,
+            'busy': busy,
+            'size': record.size,
+            'image_format': record.image_format,
+            'backend': record.driver,
+            'origin': record.origin.to_dict(),
+            'source': record.source.node,
+            'export': record.export.to_dict() if record.export else None,
+            'children': list(record.relay.children) if record.relay
+            else [],
+            'snapshots': snapshots,
+            'created_at': record.created_at,
+            'last_used_at': record.last_used_at,
         }
-        prefetcher = self.prefetchers.get(template.image_id)
         if prefetcher is not None:
             status['prefetch'] = prefetcher.status()
-        if stats:
-            tdir = self._tdir(template.image_id)
-            status['healthy'] = self.backend.is_healthy(template, tdir)
+        if stats and record.state == READY and not busy:
             try:
-                status.update(dataclasses.asdict(
-                    self.backend.template_stats(template, tdir)))
-            except exception.ThunderException as e:
-                status['error'] = str(e)
+                with self._shared(entry, 'status', self._clock() + 2):
+                    self._add_stats(entry, record, status)
+            except (exception.TemplateBusy, exception.TemplateNotFound):
+                pass
         return status
 
-    def get_status(self):
-        with self.lock:
-            templates = [self._template_status(t)
-                         for t in self.templates.values()]
-            for template in self.templates.values():
-                self.store.save_template(template)
-            return {
-                'host': self.host,
-                'backend': self.backend.name,
-                'templates': templates,
-                'snapshots': [dataclasses.asdict(s)
-                              for s in self.snapshots.values()],
-                'cache': {
-                    'used_bytes': sum(t.get('disk_bytes', 0)
-                                      for t in templates),
-                    'limit_bytes': self.conf.cache.size_limit_mb * MIB,
-                },
-            }
-
-    def housekeeping(self):
-        """Supervise data planes, flush caches, collect idle templates."""
-        with self.lock:
-            now = time.monotonic()
-            flush = now - self._last_flush >= self.conf.cache.flush_interval
-            for template in list(self.templates.values()):
-                tdir = self._tdir(template.image_id)
-                try:
-                    if not self.backend.is_healthy(template, tdir):
-                        LOG.warning('Data plane of template %s is down; '
-                                    'restoring it', template.image_id)
-                        template.export = self.backend.ensure_template(
-                            template, tdir)
-                        self.store.save_template(template)
-                    elif flush:
-                        self.backend.flush_template(template, tdir)
-                except exception.ThunderException as e:
-                    LOG.error('Housekeeping of %s: %s', template.image_id, e)
-            if flush:
-                self._last_flush = now
-            if self.relay:
-                self._relay_tick()
-        self.collect_garbage()
-        with self.lock:
-            with contextlib.suppress(exception.CacheFull):
-                self._make_room()
-
-    # -- relay tree ------------------------------------------------------
-    def _relay_tick(self):
-        members = [t for t in self.templates.values() if t.relay]
-        if not members:
-            return
+    def _add_stats(self, entry, record, status):
+        tdir = self._tdir(record)
         try:
-            for template in members:
-                self._probe_parent(template)
-            answers = self.relay.heartbeat(members)
-            for template in members:
-                if template.image_id in answers:
-                    self._follow(template, answers[template.image_id])
-                template.children = self.relay.children(template.image_id)
-        except messaging.MessagingException as e:
-            LOG.warning('Coordinator unreachable (%s); templates keep '
-                        'their parents', e)
-
-    def _probe_parent(self, template):
-        if self.relay.probe(template.sources[0]):
-            template.relay['failures'] = 0
+            status['healthy'] = self.driver.is_healthy(record, tdir)
+            figures, driver_state = self.driver.template_stats(record, tdir)
+        except exception.ThunderException as e:
+            status['error'] = str(e)
             return
-        template.relay['failures'] = template.relay.get('failures', 0) + 1
+        status.update(figures.to_dict())
+        if driver_state is not None:
+            with entry.cond:
+                entry.record.driver_state = driver_state
+                entry.dirty = True
+
+    def get_status(self):
+        templates = [self._status(e) for e in self._entries()]
+        with self._map_lock:
+            snapshots = [s.record.to_dict() for s in self.snapshots.values()]
+        return {
+            'host': self.host,
+            'backend': self.driver.name,
+            'templates': templates,
+            'snapshots': snapshots,
+            'relay': {
+                'enabled': self.relay is not None,
+                'coordinator_down': bool(self.relay
+                                         and self.relay.coordinator_down)},
+            'cache': {
+                'used_bytes': sum(t.get('disk_bytes', 0) for t in templates),
+                'limit_bytes': self.conf.cache.size_limit_mb * MIB,
+            },
+        }
+
+    # -- periodic work (one job per cadence, see service.py) -------------
+    def housekeeping(self):
+        """Supervise data planes, finish deletes, collect and evict, save
+        changed records. Every [agent] housekeeping_interval."""
+        for entry in self._entries():
+            with entry.cond:
+                state = entry.record.state
+                busy = entry.exclusive is not None
+                view = entry.view()
+            if busy:
+                continue
+            if state == DELETING:
+                self._submit(entry, 'delete', self._finish_delete, entry)
+            elif state == READY:
+                try:
+                    healthy = self.driver.is_healthy(view, self._tdir(view))
+                except exception.ThunderException as e:
+                    LOG.warning('Health of template %s unknown: %s',
+                                view.image_id, e)
+                    continue
+                if not healthy:
+                    LOG.warning('Data plane of template %s is down; '
+                                'restoring it', view.image_id)
+                    self._submit(entry, 'repair', self._repair, entry,
+                                 'repair')
+        self.collect_garbage()
+        with contextlib.suppress(exception.CacheFull):
+            self._make_room()
+        for entry in self._entries():
+            self._save_if_dirty(entry)
+
+    def _repair(self, entry, operation):
+        with self._exclusive(entry, operation, self._deadline(SHARED_WAIT)):
+            with entry.cond:
+                view = entry.view()
+            try:
+                built = self.driver.ensure_template(view, self._tdir(view))
+            except exception.BackendError as e:
+                if view.source.is_origin:
+                    raise
+                # The parent is gone as well (a host reboot takes both):
+                # rebuild on the origin, which always serves, and tell the
+                # coordinator.
+                LOG.warning('Template %s cannot be rebuilt on parent %s '
+                            '(%s); rebuilding it on its origin',
+                            view.image_id, view.source.node, e)
+                parent = view.source.node
+                with entry.cond:
+                    entry.record.sources = [
+                        records.Source.origin(entry.record.origin)]
+                    if entry.record.relay is not None:
+                        entry.record.relay.parent = ORIGIN
+                        entry.record.relay.failures = 0
+                    self._save(entry)
+                    view = entry.view()
+                built = self.driver.ensure_template(view, self._tdir(view))
+                if self.relay is not None and view.relay is not None:
+                    self._submit(entry, 'report', self._report_failure,
+                                 entry, parent)
+            with entry.cond:
+                entry.record.export = built.export
+                if built.driver_state is not None:
+                    entry.record.driver_state = built.driver_state
+                self._save(entry)
+            self._restore_snapshots(entry)
+        LOG.info('Template %s: data plane %s', view.image_id,
+                 'restored' if operation == 'restore' else 'repaired')
+
+    def flush(self):
+        """Flush every template's cache (each in the background, bounded by
+        the driver's flush timeout). Every [cache] flush_interval."""
+        for entry in self._entries():
+            if entry.record.state == READY and entry.exclusive is None:
+                self._submit(entry, 'flush', self._flush, entry)
+
+    def _flush(self, entry):
+        with self._shared(entry, 'flush', self._clock()):
+            view = entry.view()
+            self.driver.flush_template(view, self._tdir(view))
+
+    def heartbeat(self):
+        """Report every relaying template to the coordinator and follow
+        its answers. Every [coordinator] heartbeat_interval (jittered)."""
+        if self.relay is None:
+            return
+        members = []
+        for entry in self._entries():
+            with entry.cond:
+                record = entry.record
+                if record.relay is None or record.export is None or (
+                        record.export.relay is None) or entry.gone:
+                    continue
+                members.append((record.image_id, record.export.relay,
+                                record.origin, record.relay.parent,
+                                record.state))
+        try:
+            placements = self.relay.heartbeat(members)
+        except relay_mod.CoordinatorUnavailable as e:
+            LOG.warning('Heartbeat not answered (%s); templates keep their '
+                        'parents', e)
+            return
+        for image_id, placement in placements.items():
+            with self._map_lock:
+                entry = self.templates.get(image_id)
+            if entry is not None:
+                self._follow(entry, placement)
+
+    def probe_parents(self):
+        """Probe each distinct parent of this host's templates once; report
+        those that failed [relay] parent_failures times in a row. Every
+        [relay] parent_probe_interval."""
+        if self.relay is None:
+            return
+        by_source = {}
+        for entry in self._entries():
+            with entry.cond:
+                record = entry.record
+                if (record.state != READY or record.relay is None
+                        or record.source.is_origin):
+                    continue
+                by_source.setdefault(record.source, []).append(entry)
+        if not by_source:
+            return
+        timeout = self.conf.relay.parent_probe_timeout
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(16, len(by_source)),
+                thread_name_prefix='thunder-probe') as pool:
+            answers = dict(zip(by_source, pool.map(
+                lambda s: self._answers(s, timeout), by_source)))
+        for source, entries in by_source.items():
+            for entry in entries:
+                self._count_probe(entry, source, answers[source])
+
+    def _answers(self, source, timeout):
+        try:
+            return self.driver.source_answers(source, timeout)
+        except exception.ThunderException:
+            return False
+
+    def _count_probe(self, entry, source, answered):
+        with entry.cond:
+            relay = entry.record.relay
+            if entry.record.source != source:
+                return          # moved meanwhile
+            if answered:
+                relay.failures = 0
+                return
+            relay.failures += 1
+            failures = relay.failures
+            parent = relay.parent
         LOG.warning('Template %s: parent %s does not answer (%d)',
-                    template.image_id, template.relay['parent'],
-                    template.relay['failures'])
-        if (template.relay['failures'] < self.conf.relay.parent_failures
-                or template.relay['parent'] == ORIGIN):
-            return
-        self._follow(template, self.relay.report_failure(template))
+                    entry.record.image_id, parent, failures)
+        if failures >= self.conf.relay.parent_failures:
+            self._submit(entry, 'report', self._report_failure, entry,
+                         parent)
 
-    def _follow(self, template, answer):
-        parent = self.relay.parent_of(answer, template.origin)
-        if parent is None:
-            return
-        node, source = parent
-        if node == template.relay.get('parent') and (
-                source == template.sources[0]):
-            return
-        LOG.info('Template %s: parent %s -> %s', template.image_id,
-                 template.relay.get('parent'), node)
-        self.backend.set_sources(template, self._tdir(template.image_id),
-                                 [source])
-        template.sources = [source]
-        template.relay = {'parent': node, 'failures': 0}
-        self.store.save_template(template)
+    def _report_failure(self, entry, parent):
+        image_id = entry.record.image_id
+        try:
+            placement = self.relay.report_failure(image_id, parent)
+        except (relay_mod.CoordinatorUnavailable,
+                exception.ImageTreeNotFound, exception.NodeNotInTree,
+                exception.InvalidInput) as e:
+            # Nobody to ask: the origin always serves. The next answered
+            # heartbeat puts the template back in its tree.
+            LOG.warning('Parent %s of %s failed and the coordinator cannot '
+                        'place it (%s): reading from the origin', parent,
+                        image_id, e)
+            placement = relay_mod.Placement(ORIGIN)
+        self._follow(entry, placement)
+
+    def _follow(self, entry, placement):
+        """Apply a coordinator answer: children now, parent switch in the
+        background."""
+        with entry.cond:
+            record = entry.record
+            if record.relay is None or entry.gone:
+                return
+            if list(placement.children) != record.relay.children:
+                record.relay.children = list(placement.children)
+                entry.dirty = True
+            current = record.relay.parent
+            if record.state != READY or not placement.known or (
+                    placement.parent == current and (
+                        current == ORIGIN or
+                        record.source == self.driver.parent_source(
+                            current, placement.address, record.image_id))):
+                return
+        self._submit(entry, 'reparent', self._reparent, entry, placement)
+
+    def _reparent(self, entry, placement):
+        with self._exclusive(entry, 'reparent', self._deadline(SHARED_WAIT)):
+            with entry.cond:
+                record = entry.record
+                if entry.gone or record.state != READY:
+                    return
+                old = record.relay.parent
+                view = entry.view()
+            if placement.parent == ORIGIN:
+                source = records.Source.origin(view.origin)
+            else:
+                source = self.driver.parent_source(
+                    placement.parent, placement.address, view.image_id)
+            started = self._clock()
+            driver_state = self.driver.set_sources(view, self._tdir(view),
+                                                   [source])
+            with entry.cond:
+                record.sources = [source]
+                record.relay.parent = placement.parent
+                record.relay.failures = 0
+                if driver_state is not None:
+                    record.driver_state = driver_state
+                self._save(entry)
+        LOG.info('Template %s: parent %s -> %s in %.1f s', view.image_id,
+                 old, placement.parent, self._clock() - started)
+
+
+class _Busy(Exception):
+    """Periodic work found the template busy; it tries again next time."""
+
+
+def _describe(value):
+    """A record field for an error message, without its secrets."""
+    if isinstance(value, records.Endpoint):
+        return validation.describe_origin(value.to_dict())
+    return value
+
+
+def _copy_error(error):
+    """The error another request's build failed with, for a waiter."""
+    if isinstance(error, exception.ThunderException):
+        return type(error)(error.message, **error.kwargs)
+    return exception.BackendError(reason=str(error))
 
 
 class _PrefetchChain:
@@ -614,11 +1184,3 @@ class _PrefetchChain:
                 'bytes_total': sum(j['bytes_total'] for j in jobs),
                 'state': next((j['state'] for j in jobs
                                if j['state'] not in ('done',)), 'done')}
-
-
-@dataclasses.dataclass
-class _Stub:
-    """Enough of a template for a backend to tear down leftovers."""
-    image_id: str
-    sources: list = dataclasses.field(default_factory=list)
-    counters: dict = dataclasses.field(default_factory=dict)

@@ -1,106 +1,185 @@
-"""The agent's side of the relay tree: membership, parents, repair.
+"""The agent's side of the relay tree: its calls to the coordinator.
 
 The coordinator assigns each template a parent (another node's template
-export, or the origin). This module turns answers into sources for the
-backend, reports every template in heartbeats, probes the current parent
-and reports it when it stops answering, so that the coordinator moves the
-template (and the parent's other children) elsewhere.
+export, or the origin) and tells it its children. This module makes the
+calls and turns the answers, which come over RabbitMQ and are therefore
+checked like any remote input, into :class:`Placement` values; the manager
+decides what to do with them, and the driver turns a parent's address into
+a source.
+
+Every call has a deadline. A call that gets no answer marks the
+coordinator as down until the next heartbeat gets one: while it is down,
+new templates do not wait [relay] join_timeout each for a join that will
+not be answered, they read from the origin at once (the next heartbeat
+enters them in their trees).
 """
 
-import logging
-import socket
+import dataclasses
+import threading
+import time
 
-from thunder_agent.coordinator import ORIGIN
+import oslo_messaging as messaging
+from oslo_log import log as logging
+
 from thunder_agent.coordinator import rpc as coordinator_rpc
+from thunder_agent.coordinator import validation as coordinator_validation
 from thunder_agent import exception
+from thunder_agent import records
 from thunder_agent import rpc
 
 LOG = logging.getLogger(__name__)
 
+MAX_CHILDREN = 1024
+
+
+class CoordinatorUnavailable(Exception):
+    """No answer from the coordinator (timeout, no server, broker down)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A template's place in its tree, from one coordinator answer."""
+
+    # The parent to read from: records.ORIGIN or a node id.
+    parent: str
+    # The parent's export; None for the origin, or when the coordinator
+    # does not know it yet (right after its restart): then the template
+    # keeps reading from the parent it has.
+    address: records.RelayAddress = None
+    children: tuple = ()
+
+    @property
+    def known(self):
+        return self.parent == records.ORIGIN or self.address is not None
+
+
+def placement(answer, node):
+    """Check a coordinator *answer* (untrusted) and type it.
+
+    Raises InvalidInput for anything malformed; *node* (this host) may not
+    be its own parent.
+    """
+    if not isinstance(answer, dict):
+        raise exception.InvalidInput(reason='coordinator answer is not a '
+                                            'dict')
+    parents = answer.get('parents') or []
+    if not isinstance(parents, list):
+        raise exception.InvalidInput(reason='answer parents is not a list')
+    children = answer.get('children') or []
+    if not isinstance(children, list) or len(children) > MAX_CHILDREN:
+        raise exception.InvalidInput(reason='answer children is not a list '
+                                            'of at most %d node ids'
+                                            % MAX_CHILDREN)
+    kids = tuple(sorted({coordinator_validation.node_id(c)
+                         for c in children}))
+    first = parents[0] if parents else None
+    if not isinstance(first, dict) or 'node' not in first:
+        # No parent, or the origin (given as its connection info).
+        return Placement(records.ORIGIN, None, kids)
+    parent = coordinator_validation.node_id(first['node'])
+    if parent == node:
+        raise exception.InvalidInput(reason='coordinator names this node '
+                                            'as its own parent')
+    raw = first.get('address')
+    address = None
+    if raw is not None:
+        address = records.RelayAddress.from_dict(
+            coordinator_validation.address(raw))
+    return Placement(parent, address, kids)
+
 
 class RelayMember:
-    def __init__(self, conf):
+    def __init__(self, conf, api=None, clock=time.monotonic):
         self.conf = conf
         self.node = conf.host
-        self.api = coordinator_rpc.CoordinatorAPI(
+        self.api = api or coordinator_rpc.CoordinatorAPI(
             rpc.get_transport(conf), topic=conf.coordinator.topic,
             timeout=conf.coordinator.rpc_timeout)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_since = None
 
-    # -- shapes ----------------------------------------------------------
-    @staticmethod
-    def takes_part(template_origin, image_id):
-        """Only NBD origins relay; refuse ones children could not use."""
-        if template_origin['driver_volume_type'] != 'nbd':
-            return False
-        if template_origin['data'].get('export') != image_id:
-            raise exception.InvalidOrigin(
-                reason='in a relay tree the origin must export the image '
-                       'under its id %s (it exports %r)'
-                       % (image_id, template_origin['data'].get('export')))
-        return True
+    # -- coordinator health ----------------------------------------------
+    @property
+    def coordinator_down(self):
+        with self._lock:
+            return self._down_since is not None
 
-    @staticmethod
-    def parent_of(answer, origin):
-        """(parent id, source dict) from a coordinator answer, or None
-        when the answer names a parent whose address is not known yet."""
-        parents = answer.get('parents') or []
-        if not parents:
-            return ORIGIN, origin
-        first = parents[0]
-        if 'node' not in first:
-            return ORIGIN, origin
-        if not first.get('address'):
-            return None
-        return first['node'], {'driver_volume_type': 'nbd',
-                               'data': dict(first['address'])}
-
-    def address(self, template):
-        return {'host': template.export['host'],
-                'port': template.export['port'],
-                'export': template.image_id}
+    def _call(self, method, timeout, *args, **kwargs):
+        try:
+            answer = getattr(self.api, method)(*args, timeout=timeout,
+                                               **kwargs)
+        except (messaging.MessagingTimeout,
+                messaging.MessageDeliveryFailure,
+                messaging.MessagingException) as e:
+            with self._lock:
+                if self._down_since is None:
+                    self._down_since = self._clock()
+                    LOG.warning('Coordinator on topic %s does not answer '
+                                '(%s: %s); new templates read from their '
+                                'origin until it does',
+                                self.conf.coordinator.topic,
+                                type(e).__name__, e)
+            raise CoordinatorUnavailable('%s: %s' % (type(e).__name__, e))
+        with self._lock:
+            if self._down_since is not None:
+                LOG.info('Coordinator answers again after %.1f s',
+                         self._clock() - self._down_since)
+                self._down_since = None
+        return answer
 
     # -- calls -----------------------------------------------------------
-    def join(self, template):
-        answer = self.api.join(template.image_id, self.node,
-                               self.address(template), template.origin)
-        parent = self.parent_of(answer, template.origin)
-        if parent is None:
-            return ORIGIN, template.origin
-        return parent
+    def join(self, image_id, address, origin):
+        """Enter the tree of *image_id*; returns a :class:`Placement`.
 
-    def heartbeat(self, templates):
-        report = {t.image_id: {'address': self.address(t),
-                               'origin': t.origin,
-                               'parents': [t.relay.get('parent', ORIGIN)],
-                               'state': 'ready'}
-                  for t in templates}
-        return self.api.heartbeat(self.node, report)
+        Raises CoordinatorUnavailable at once while the coordinator is
+        known to be down, else after [relay] join_timeout.
+        """
+        if self.coordinator_down:
+            raise CoordinatorUnavailable('coordinator known to be down')
+        answer = self._call('join', self.conf.relay.join_timeout, image_id,
+                            self.node, address.to_dict(), origin.to_dict())
+        return placement(answer, self.node)
 
-    def report_failure(self, template):
-        return self.api.report_parent_failure(
-            template.image_id, self.node, template.relay['parent'])
+    def heartbeat(self, members):
+        """Report *members* (``[(image_id, address, origin, parent,
+        state)]``); returns ``{image_id: Placement}`` for the answers that
+        are well formed (a malformed one is logged and skipped)."""
+        report = {image_id: {'address': address.to_dict(),
+                             'origin': origin.to_dict(),
+                             'parents': [parent], 'state': state}
+                  for image_id, address, origin, parent, state in members}
+        answers = self._call('heartbeat', self.conf.coordinator.rpc_timeout,
+                             self.node, report)
+        if not isinstance(answers, dict):
+            LOG.error('Coordinator heartbeat answer is not a dict; ignored')
+            return {}
+        placements = {}
+        for image_id, answer in answers.items():
+            if image_id not in report:
+                continue
+            try:
+                placements[image_id] = placement(answer, self.node)
+            except exception.InvalidInput as e:
+                LOG.error('Ignoring the coordinator\'s answer for %s: %s',
+                          image_id, e)
+        return placements
+
+    def report_failure(self, image_id, parent):
+        answer = self._call('report_parent_failure',
+                            self.conf.coordinator.rpc_timeout, image_id,
+                            self.node, parent)
+        return placement(answer, self.node)
 
     def leave(self, image_id):
-        return self.api.leave(image_id, self.node).get('pending_children',
-                                                       [])
-
-    def children(self, image_id):
-        tree = self.api.get_tree(image_id)
-        return list(tree['nodes'].get(self.node, {}).get('children', []))
-
-    def probe(self, source):
-        """True when the source accepts connections."""
-        data = source['data']
-        timeout = self.conf.relay.parent_probe_timeout
+        """Leave a tree; returns the children still reading from us."""
         try:
-            if 'socket' in data:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(timeout)
-                    s.connect(data['socket'])
-            else:
-                with socket.create_connection(
-                        (data['host'], data['port']), timeout=timeout):
-                    pass
-            return True
-        except OSError:
-            return False
+            answer = self._call('leave', self.conf.coordinator.rpc_timeout,
+                                image_id, self.node)
+        except (exception.ImageTreeNotFound, exception.NodeNotInTree):
+            # The coordinator dropped us already (timeout, restart).
+            return []
+        pending = answer.get('pending_children', []) if isinstance(
+            answer, dict) else []
+        return [coordinator_validation.node_id(n) for n in pending
+                ][:MAX_CHILDREN]

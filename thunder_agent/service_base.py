@@ -1,20 +1,75 @@
 """What the agent and the coordinator services share: an RPC server and
-one periodic task, in one process (oslo.service, no forked workers)."""
+periodic jobs, in one process (oslo.service, no forked workers).
 
-import logging
-import threading
+Periodic work follows ovn-bgp-agent: one oslo.service looping call per
+cadence, each honouring its own option. Jobs that many hosts run together
+are jittered: the first run comes at a random point of the first interval
+and each later one within 10 % of the interval, so a fleet restarted at
+once does not call the coordinator in lockstep.
+"""
 
+import random
+
+from oslo_log import log as logging
+from oslo_service import loopingcall
 from oslo_service import service
 
 from thunder_agent import rpc
 
 LOG = logging.getLogger(__name__)
 
+JITTER = 0.1
+
+
+class PeriodicJob:
+    """*fn* every *interval()* seconds (re-read at each run, so an option
+    changed by a config reload takes effect), optionally jittered."""
+
+    def __init__(self, name, fn, interval, jitter=False, rng=random):
+        self.name = name
+        self.fn = fn
+        self.interval = interval
+        self.jitter = jitter
+        self.rng = rng
+        self._call = None
+
+    def first_delay(self):
+        interval = self.interval()
+        return self.rng.uniform(0, interval) if self.jitter else interval
+
+    def next_delay(self):
+        interval = self.interval()
+        if self.jitter:
+            return interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        return interval
+
+    def run_once(self):
+        """One run; an error is logged, never ends the job."""
+        try:
+            self.fn()
+        except Exception:
+            LOG.exception('Periodic job %s failed', self.name)
+        return self.next_delay()
+
+    def start(self):
+        self._call = loopingcall.DynamicLoopingCall(self.run_once)
+        self._call.start(initial_delay=self.first_delay(),
+                         periodic_interval_max=None)
+        return self
+
+    def stop(self):
+        if self._call is not None:
+            self._call.stop()
+
+    def wait(self):
+        if self._call is not None:
+            self._call.wait()
+
 
 class RPCService(service.Service):
     """Subclasses build ``self.manager`` in :meth:`make_manager`, return
-    their RPC server from :meth:`make_server` and name the periodic work in
-    :meth:`periodic` (every :meth:`interval` seconds)."""
+    their RPC server from :meth:`make_server` and their
+    :class:`PeriodicJob` list from :meth:`periodic_jobs`."""
 
     name = 'service'
 
@@ -23,8 +78,7 @@ class RPCService(service.Service):
         self.conf = conf
         self.manager = None
         self.rpc_server = None
-        self._stopping = threading.Event()
-        self._ticker = None
+        self.jobs = []
 
     def make_manager(self):
         raise NotImplementedError
@@ -32,10 +86,7 @@ class RPCService(service.Service):
     def make_server(self, transport):
         raise NotImplementedError
 
-    def interval(self):
-        raise NotImplementedError
-
-    def periodic(self):
+    def periodic_jobs(self):
         raise NotImplementedError
 
     def start(self):
@@ -43,24 +94,16 @@ class RPCService(service.Service):
         self.manager = self.make_manager()
         self.rpc_server = self.make_server(rpc.get_transport(self.conf))
         self.rpc_server.start()
-        self._ticker = threading.Thread(target=self._loop, daemon=True,
-                                        name=self.name + '-periodic')
-        self._ticker.start()
-
-    def _loop(self):
-        while not self._stopping.wait(self.interval()):
-            try:
-                self.periodic()
-            except Exception:
-                LOG.exception('Periodic task of %s failed', self.name)
-
-    def wait(self):
-        while not self._stopping.wait(1):
-            pass
+        self.jobs = [job.start() for job in self.periodic_jobs()]
+        for job in self.jobs:
+            LOG.debug('Periodic job %s started', job.name)
 
     def stop(self, graceful=False):
-        self._stopping.set()
+        for job in self.jobs:
+            job.stop()
         if self.rpc_server is not None:
             self.rpc_server.stop()
             self.rpc_server.wait()
+        for job in self.jobs:
+            job.wait()
         super().stop(graceful)

@@ -126,3 +126,19 @@ def _iscsi(data):
     if isinstance(lun, bool) or not isinstance(lun, int) or lun < 0:
         raise exception.InvalidOrigin(reason='target_lun must be >= 0')
     return dict(data, target_lun=lun)
+
+
+_SECRET_KEYS = ('password', 'secret', 'key', 'token')
+
+
+def describe_origin(value):
+    """An origin (connection info dict) fit for a message: every value
+    whose key names a secret is replaced by ``***``."""
+    if not isinstance(value, dict):
+        return repr(value)
+    data = value.get('data')
+    if isinstance(data, dict):
+        data = {k: ('***' if any(w in str(k).lower() for w in _SECRET_KEYS)
+                    else v) for k, v in data.items()}
+    return {'driver_volume_type': value.get('driver_volume_type'),
+            'data': data}

@@ -466,7 +466,10 @@ class CoordinatorManager:
             else:
                 parents.append({'node': parent,
                                 'address': tree.members[parent].address})
-        return {'parents': parents, 'depth': tree.depth(member.node)}
+        # The node's own neighbourhood only: no agent ever needs a whole
+        # tree, and this costs O(children), whatever the tree's size.
+        return {'parents': parents, 'depth': tree.depth(member.node),
+                'children': tree.children(member.node)}
 
     def _describe(self, tree):
         now = self._clock()

@@ -5,6 +5,8 @@ Version history:
 
 * 1.0 - join, heartbeat, leave, report_parent_failure, get_tree,
   list_trees.
+* 1.1 - answers carry the node's children (so that no agent needs
+  get_tree); a 1.0 agent ignores the extra key.
 
 Shapes:
 
@@ -12,8 +14,8 @@ Shapes:
   a node's template is exported to its children;
 * an origin is Cinder-style connection info, e.g. ``{'driver_volume_type':
   'nbd', 'data': {'host': ..., 'port': ..., 'export': ...}}``;
-* an answer is ``{'parents': [parent, ...], 'depth': int or None}`` where a
-  parent is ``{'node': id, 'address': address}`` or, for the root, the
+* an answer is ``{'parents': [parent, ...], 'depth': int or None,
+  'children': [node id, ...]}`` where a parent is ``{'node': id, 'address': address}`` or, for the root, the
   origin as the node gave it; depth counts hops from the origin. Right
   after a coordinator restart a parent may come with ``'address': None``
   and depth None: it has not reported yet; keep reading from it as before;
@@ -30,7 +32,7 @@ TOPIC = 'thunder-coordinator'
 
 
 class CoordinatorAPI:
-    VERSION = '1.0'
+    VERSION = '1.1'
 
     def __init__(self, transport, topic=TOPIC, timeout=30):
         target = messaging.Target(topic=topic, version=self.VERSION)

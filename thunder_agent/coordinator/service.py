@@ -1,6 +1,6 @@
 """The coordinator as a long-running service: RPC server plus expiry."""
 
-import logging
+from oslo_log import log as logging
 
 from thunder_agent.coordinator import manager as coordinator_manager
 from thunder_agent.coordinator import rpc as coordinator_rpc
@@ -24,10 +24,9 @@ class CoordinatorService(service_base.RPCService):
         return coordinator_rpc.get_server(transport, self.manager,
                                           group.topic, self.conf.host)
 
-    def interval(self):
+    def periodic_jobs(self):
         # Children of a silent node are moved within a second or so of its
         # timeout rather than at the next unrelated call.
-        return min(1.0, self.conf.coordinator.heartbeat_interval / 2.0)
-
-    def periodic(self):
-        self.manager.expire()
+        return [service_base.PeriodicJob(
+            'expiry', self.manager.expire,
+            lambda: min(1.0, self.conf.coordinator.heartbeat_interval / 2.0))]

@@ -1,31 +1,51 @@
-"""The interface every data-plane backend implements.
+"""The contract between the agent's manager and a data-plane driver.
 
-A backend turns the agent's records into a running data plane and back:
+A driver turns records into a running data plane:
 
 * a **template** per image: a read-only device presenting the whole image,
-  fetching missing blocks on demand from its *sources* (the origin or parent
-  templates), keeping every block it fetched in a local cache, and exported
-  so that local snapshots and child nodes can read it;
+  fetching missing blocks on demand from its *sources* (the origin or a
+  parent's export), keeping every block it fetched in a local cache, and
+  exported so that local snapshots, the prefetcher and child nodes read it;
 * a **snapshot** per instance: a writable copy-on-write layer over the
   local template.
 
-The manager owns validation, records, reference counting and eviction; a
-backend only acts on the data plane and never raises for bad input (the
-manager has checked it). Methods are idempotent where noted so that
-reconciliation after a restart can call them blindly.
+A driver owns everything that differs per transport: which origins it can
+read and relay, how its exports are addressed (and how a parent's
+:class:`~thunder_agent.records.RelayAddress` from the coordinator becomes a
+:class:`~thunder_agent.records.Source`), how a source is probed, what the
+prefetcher reads, how a template is moved to another parent.
+
+The manager owns validation, records, states, locking, reference counting
+and eviction. Drivers **return values** (exports, connection info, the
+``driver_state`` they want kept) and never change a record they are given:
+the manager stores what they return. They are called without any agent
+lock held and may take their time, but every wait they do has a deadline
+of their own options. A driver never raises for bad input (the manager
+checked it); data-plane failures are :class:`BackendError` and its
+subclasses. Methods documented as idempotent are called blindly after a
+restart.
 """
 
 import abc
 import dataclasses
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class OriginInfo:
     size: int
     image_format: str
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class TemplateBuild:
+    """What building or restoring a template produced."""
+
+    export: object          # records.Export
+    # Replaces the template's driver_state (None: keep it as it is).
+    driver_state: dict = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TemplateStats:
     # Bytes copied from the sources into the local cache since creation.
     bytes_fetched: int = 0
@@ -40,11 +60,17 @@ class TemplateStats:
     # Disk space the cache takes on the host.
     disk_bytes: int = 0
 
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
-class Backend(metaclass=abc.ABCMeta):
-    """A data-plane backend. ``conf`` is the agent's ConfigOpts."""
+
+class Driver(metaclass=abc.ABCMeta):
+    """A data-plane driver. ``conf`` is the agent's ConfigOpts."""
 
     name = None
+    # Seconds between two :meth:`source_ready` polls while a new template
+    # waits for a parent that is still building its own.
+    ready_poll_interval = 0.5
 
     def __init__(self, conf):
         self.conf = conf
@@ -55,51 +81,110 @@ class Backend(metaclass=abc.ABCMeta):
     def stop(self):
         """Called when the agent stops. The data plane keeps running."""
 
+    # -- transport ------------------------------------------------------
     @abc.abstractmethod
-    def probe_origin(self, origin, image_format):
-        """Open *origin* read-only and return its :class:`OriginInfo`.
+    def check_origin(self, origin):
+        """Refuse (InvalidOrigin) an origin this driver cannot read.
 
-        Raises OriginUnavailable when it cannot be read or is not of
-        *image_format*.
+        *origin* is a validated :class:`~thunder_agent.records.Endpoint`.
+        Changes nothing.
         """
 
     @abc.abstractmethod
-    def create_template(self, template, template_dir):
-        """Build the template's data plane; return its export description.
+    def can_relay(self, image_id, origin):
+        """True when a template of *origin* can take part in a relay tree
+        (its children can read what it reads). May raise InvalidOrigin for
+        an origin that could relay but is unfit (wrong export name)."""
 
-        *template_dir* is an empty directory owned by this template.
+    @abc.abstractmethod
+    def relay_address(self, image_id, taken):
+        """The :class:`~thunder_agent.records.RelayAddress` a new relaying
+        template of *image_id* will be exported under. *taken* holds the
+        addresses of this host's other templates (a port is never given
+        twice)."""
+
+    @abc.abstractmethod
+    def parent_source(self, node, address, image_id):
+        """The :class:`~thunder_agent.records.Source` that reads the export
+        of parent *node* at *address* (from the coordinator, validated)."""
+
+    @abc.abstractmethod
+    def probe_source(self, source, image_format):
+        """Open *source* read-only; return its :class:`OriginInfo`.
+
+        Raises OriginUnavailable when it cannot be read or is not of
+        *image_format*. Bounded by the driver's own timeouts.
+        """
+
+    @abc.abstractmethod
+    def source_ready(self, source):
+        """True when *source* serves the image now (a parent that joined
+        the tree a moment ago may still be building its template). Cheap
+        and bounded: it is polled every :attr:`ready_poll_interval`."""
+
+    @abc.abstractmethod
+    def source_answers(self, source, timeout):
+        """True when *source* accepts a connection within *timeout*
+        seconds (the cheap, periodic liveness probe of a parent)."""
+
+    # -- templates ------------------------------------------------------
+    @abc.abstractmethod
+    def create_template(self, template, template_dir):
+        """Build the template's data plane; return a :class:`TemplateBuild`.
+
+        *template_dir* belongs to this template. ``template.export`` holds
+        the relay address the manager reserved (or is None). On failure the
+        driver leaves nothing running.
         """
 
     @abc.abstractmethod
     def ensure_template(self, template, template_dir):
-        """Make the data plane match the record after a restart.
-
-        Re-adopts what still runs, rebuilds what does not, reusing the cache
-        on disk. Idempotent. Returns the (possibly new) export description.
-        """
+        """Make the data plane match the record (after a restart, or when
+        :meth:`is_healthy` said no). Re-adopts what still runs, rebuilds
+        what does not, reusing the cache on disk. Idempotent. Returns a
+        :class:`TemplateBuild` (the export must not change for readers
+        that still use it)."""
 
     @abc.abstractmethod
     def set_sources(self, template, template_dir, sources):
         """Switch the template to fetch misses from *sources* (re-parent).
 
         In-flight and later reads must block and resume, never fail.
+        Returns the new driver_state (None: unchanged).
         """
 
     @abc.abstractmethod
     def delete_template(self, template, template_dir):
-        """Tear the template down; the manager removes the directory."""
+        """Tear the template down; the manager removes the directory.
+
+        Raises TemplateInUse when readers the manager cannot see (snapshot
+        devices, child sessions) still use it. Tolerates missing pieces.
+        """
+
+    def is_healthy(self, template, template_dir):
+        """True when the template's data plane is up."""
+        return True
+
+    def flush_template(self, template, template_dir):
+        """Persist cache metadata so cached blocks survive a crash.
+
+        Bounded by the driver's own timeout; raises BackendError."""
 
     @abc.abstractmethod
     def template_stats(self, template, template_dir):
-        """Return :class:`TemplateStats` for the template."""
+        """Return ``(TemplateStats, driver_state or None)``."""
 
     @abc.abstractmethod
     def disk_usage(self, template, template_dir):
         """Bytes of local disk the template's cache takes (for eviction)."""
 
-    def flush_template(self, template, template_dir):
-        """Persist cache metadata so cached blocks survive a crash."""
+    @abc.abstractmethod
+    def prefetch_target(self, template, template_dir):
+        """What the prefetcher reads so that blocks land in the cache as a
+        VM's reads would: a :class:`thunder_agent.prefetch.NbdAddress` or
+        a :class:`thunder_agent.prefetch.BlockDevice`."""
 
+    # -- snapshots ------------------------------------------------------
     @abc.abstractmethod
     def create_snapshot(self, template, template_dir, instance_id,
                         snapshot_dir):
@@ -118,10 +203,17 @@ class Backend(metaclass=abc.ABCMeta):
         """
 
     @abc.abstractmethod
+    def snapshot_users(self, template, snapshot, snapshot_dir):
+        """Why the snapshot must not be deleted now (a process or device
+        has it open), as a sentence, or None. *template* may be None (see
+        :meth:`delete_snapshot`)."""
+
+    @abc.abstractmethod
     def delete_snapshot(self, template, template_dir, snapshot,
                         snapshot_dir):
-        """Remove the writable layer and everything it wrote."""
+        """Remove the writable layer and everything it wrote.
 
-    def is_healthy(self, template, template_dir):
-        """True when the template's data plane is up."""
-        return True
+        *template* is None when the template's record was lost (moved to
+        lost+found by the store): remove what belongs to the snapshot all
+        the same, as far as it can be found from the snapshot alone.
+        """

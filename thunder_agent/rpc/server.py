@@ -41,6 +41,7 @@ class AgentEndpoint:
 
 def get_server(transport, manager, topic, host):
     target = messaging.Target(topic=topic, server=host)
+    # oslo.messaging's threading executor: up to executor_thread_pool_size
+    # (64) calls run at once; the manager never serialises them.
     return messaging.get_rpc_server(transport, target,
-                                    [AgentEndpoint(manager)],
-                                    executor='threading')
+                                    [AgentEndpoint(manager)])

@@ -1,0 +1,605 @@
+"""AgentManager on the fake driver: states, locking, failures, recovery.
+
+Every test drives the real manager, store and relay member; only the data
+plane (FakeDriver) and the coordinator's RPC client are fakes.
+"""
+
+import json
+import os
+import threading
+import time
+import uuid
+
+from oslo_config import cfg
+import pytest
+
+from tests.unit.thunder_agent import fakes
+from thunder_agent import conf as agent_conf
+from thunder_agent import exception
+from thunder_agent import manager as manager_mod
+from thunder_agent import records
+from thunder_agent import relay as relay_mod
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def conf(tmp_path):
+    conf = agent_conf.register_opts(cfg.ConfigOpts())
+    conf([])
+    conf.set_override('host', 'node-a')
+    conf.set_override('state_path', str(tmp_path / 'state'), group='agent')
+    conf.set_override('background_workers', 8, group='agent')
+    conf.set_override('prepare_timeout', 30, group='agent')
+    conf.set_override('parent_ready_timeout', 0.3, group='relay')
+    return conf
+
+
+class Harness:
+    def __init__(self, conf, relay=False):
+        self.conf = conf
+        self.driver = fakes.FakeDriver(conf)
+        self.api = None
+        member = None
+        if relay:
+            conf.set_override('enabled', True, group='relay')
+            self.api = fakes.FakeCoordinatorAPI()
+            member = relay_mod.RelayMember(conf, api=self.api)
+        self.manager = manager_mod.AgentManager(conf, driver=self.driver,
+                                                relay=member)
+        self.driver.manager = self.manager
+        self.manager.start()
+
+    def prepare(self, image_id=None, instance_id=None):
+        image_id = image_id or new_id()
+        return self.manager.prepare(image_id, fakes.origin_for(image_id),
+                                    fakes.SIZE, 'raw',
+                                    instance_id or new_id())
+
+    def restart(self):
+        self.manager.stop()
+        again = Harness.__new__(Harness)
+        again.conf = self.conf
+        again.driver = self.driver
+        again.api = self.api
+        again.manager = manager_mod.AgentManager(
+            self.conf, driver=self.driver, relay=self.manager.relay)
+        self.driver.manager = again.manager
+        again.manager.start()
+        return again
+
+    def drain(self):
+        """Wait for the background workers' queued jobs."""
+        done = threading.Event()
+        self.manager._workers.submit(done.set)
+        for _ in range(8):
+            self.manager._workers.submit(time.sleep, 0)
+        assert done.wait(10)
+        deadline = time.monotonic() + 10
+        while any(e.in_flight for e in self.manager.templates.values()):
+            assert time.monotonic() < deadline, 'background jobs hang'
+            time.sleep(0.01)
+
+
+def record_on_disk(conf, kind, name):
+    path = os.path.join(conf.agent.state_path, kind, name, 'record.json')
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_threads(n, target):
+    results, errors = [None] * n, [None] * n
+
+    def one(i):
+        try:
+            results[i] = target(i)
+        except Exception as e:
+            errors[i] = e
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+# -- building ---------------------------------------------------------------
+
+def test_prepare_builds_a_ready_template_and_a_snapshot(conf):
+    h = Harness(conf)
+    image_id, instance_id = new_id(), new_id()
+    info = h.prepare(image_id, instance_id)
+    assert info['data'] == {'backend': 'fake', 'instance_id': instance_id,
+                            'image_id': image_id}
+    saved = record_on_disk(conf, 'templates', image_id)
+    assert saved['state'] == 'ready'
+    assert saved['driver_state'] == {'generation': 1}
+    assert saved['export']['local'] == {'fake': image_id}
+    assert record_on_disk(conf, 'snapshots', instance_id)['state'] == 'ready'
+    mode = os.stat(os.path.join(conf.agent.state_path, 'templates',
+                                image_id, 'record.json')).st_mode
+    assert mode & 0o077 == 0
+
+
+def test_prepares_of_different_images_build_in_parallel(conf):
+    h = Harness(conf)
+    gate = h.driver.gates['create_template'] = threading.Event()
+    ids = [new_id() for _ in range(20)]
+    waiter = threading.Thread(target=lambda: (
+        _wait_for(lambda: h.driver.in_flight['create_template'] == 20),
+        gate.set()))
+    waiter.start()
+    results, errors = run_threads(20, lambda i: h.prepare(ids[i]))
+    waiter.join()
+    assert errors == [None] * 20
+    # All 20 builds were inside the driver at the same time.
+    assert h.driver.max_in_flight['create_template'] == 20
+    assert sorted(r['data']['image_id'] for r in results) == sorted(ids)
+
+
+def _wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, 'condition never met'
+        time.sleep(0.005)
+
+
+def test_prepares_of_one_image_share_one_build(conf):
+    h = Harness(conf)
+    gate = h.driver.gates['create_template'] = threading.Event()
+    image_id = new_id()
+    threading.Timer(0.2, gate.set).start()
+    results, errors = run_threads(30, lambda i: h.prepare(image_id))
+    assert errors == [None] * 30
+    assert h.driver.calls['create_template'] == 1
+    assert h.driver.calls['create_snapshot'] == 30
+    # The 30 snapshots were created side by side (shared operations).
+    assert len({r['data']['instance_id'] for r in results}) == 30
+    status = h.manager.get_status()
+    assert len(status['templates'][0]['snapshots']) == 30
+
+
+def test_a_failed_build_fails_every_waiter_and_leaves_nothing(conf):
+    h = Harness(conf)
+    gate = h.driver.gates['create_template'] = threading.Event()
+    h.driver.fail['create_template'] = exception.BackendError(
+        reason='daemon would not start')
+    image_id = new_id()
+    threading.Timer(0.2, gate.set).start()
+    _, errors = run_threads(5, lambda i: h.prepare(image_id))
+    assert all(isinstance(e, exception.BackendError) for e in errors)
+    assert all('daemon would not start' in str(e) for e in errors)
+    assert h.driver.calls['create_template'] == 1
+    assert h.driver.calls['delete_template'] == 1
+    assert image_id not in h.manager.templates
+    assert not os.path.exists(os.path.join(conf.agent.state_path,
+                                           'templates', image_id))
+    assert h.manager.snapshots == {}
+    # The next request builds again.
+    del h.driver.fail['create_template']
+    h.prepare(image_id)
+    assert h.driver.calls['create_template'] == 2
+
+
+def test_bad_input_changes_nothing(conf):
+    h = Harness(conf)
+    with pytest.raises(exception.InvalidImageId):
+        h.manager.prepare('../etc', fakes.ORIGIN, fakes.SIZE, 'raw', new_id())
+    with pytest.raises(exception.InvalidOrigin):
+        image_id = new_id()
+        h.manager.prepare(image_id, {'driver_volume_type': 'iscsi', 'data': {
+            'target_portal': 'x:1', 'target_iqn': 'iqn.x'}}, fakes.SIZE,
+            'raw', new_id())
+    with pytest.raises(exception.InvalidSize):
+        image_id = new_id()
+        h.manager.prepare(image_id, fakes.origin_for(image_id),
+                          fakes.SIZE * 2, 'raw', new_id())
+    assert h.driver.calls['create_template'] == 0
+    assert h.manager.templates == {}
+    assert os.listdir(os.path.join(conf.agent.state_path, 'templates')) == []
+
+
+def test_mismatch_names_the_field_without_secrets(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    other = fakes.origin_for(image_id)
+    other['data']['port'] = 10900
+    other['data']['password'] = 'TopSecret0123456'
+    with pytest.raises(exception.TemplateMismatch) as info:
+        h.manager.prepare_template(image_id, other, fakes.SIZE, 'raw')
+    assert 'origin' in str(info.value)
+    assert 'TopSecret0123456' not in str(info.value)
+
+
+# -- relay tree -------------------------------------------------------------
+
+def test_dead_coordinator_costs_one_join_timeout_then_nothing(conf):
+    conf.set_override('join_timeout', 1, group='relay')
+    h = Harness(conf, relay=True)
+    h.api.down = True
+    first = h.prepare()
+    assert first['data']['backend'] == 'fake'
+    assert h.api.calls['join'] == 1
+    for _ in range(3):
+        h.prepare()
+    # Known down: the next templates did not ask again.
+    assert h.api.calls['join'] == 1
+    for entry in h.manager.templates.values():
+        assert entry.record.source.is_origin
+    # A heartbeat that gets an answer clears it, and enters the tree.
+    h.api.down = False
+    h.manager.heartbeat()
+    assert not h.manager.relay.coordinator_down
+    assert h.api.calls['heartbeat'] == 1
+    h.prepare()
+    assert h.api.calls['join'] == 2
+
+
+def test_template_reads_from_its_parent_once_it_serves(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.api.children[image_id] = ['node-c']
+    h.prepare(image_id)
+    record = h.manager.templates[image_id].record
+    assert record.source.node == 'node-b'
+    assert record.source.endpoint.data['host'] == '192.0.2.20'
+    assert record.relay.parent == 'node-b'
+    assert record.relay.children == ['node-c']
+    assert h.driver.templates[image_id][0].node == 'node-b'
+
+
+def test_parent_that_does_not_serve_is_reported_and_origin_read(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.driver.ready['node-b'] = False
+    started = time.monotonic()
+    h.prepare(image_id)
+    # Bounded by [relay] parent_ready_timeout (0.3 s here).
+    assert time.monotonic() - started < 5
+    record = h.manager.templates[image_id].record
+    assert record.source.is_origin
+    assert h.driver.templates[image_id][0].is_origin
+    h.drain()
+    assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
+        h.api.log
+
+
+def test_heartbeat_answer_moves_the_template_and_sets_children(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.api.children[image_id] = ['node-c', 'node-d']
+    h.manager.heartbeat()
+    h.drain()
+    record = h.manager.templates[image_id].record
+    assert record.relay.parent == 'node-b'
+    assert record.relay.children == ['node-c', 'node-d']
+    assert h.driver.calls['set_sources'] == 1
+    assert record_on_disk(conf, 'templates', image_id)['relay'][
+        'parent'] == 'node-b'
+    # The same answer again changes nothing.
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.calls['set_sources'] == 1
+
+
+def test_hostile_heartbeat_answers_are_ignored(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.prepare(image_id)
+    for bad in ({'host': 'exec:/bin/sh', 'port': 1, 'export': image_id},
+                {'host': '192.0.2.9', 'port': 'x', 'export': image_id},
+                {'host': '192.0.2.9', 'port': 1, 'export': image_id,
+                 'extra': 'y'}):
+        h.api.parents[image_id] = ('node-b', bad)
+        h.manager.heartbeat()
+    h.api.parents[image_id] = ('node-a', {'host': '192.0.2.9', 'port': 1,
+                                          'export': image_id})
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.calls['set_sources'] == 0
+    assert h.manager.templates[image_id].record.source.is_origin
+
+
+def test_failed_parent_probes_report_and_move(conf):
+    conf.set_override('parent_failures', 2, group='relay')
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    h.driver.answers['node-b'] = False
+    h.api.after_failure[image_id] = ('node-c', {'host': '192.0.2.30',
+                                                'port': 10812,
+                                                'export': image_id})
+    h.manager.probe_parents()
+    h.drain()
+    assert h.api.calls['report_parent_failure'] == 0
+    h.manager.probe_parents()
+    h.drain()
+    assert h.api.calls['report_parent_failure'] == 1
+    record = h.manager.templates[image_id].record
+    assert record.relay.parent == 'node-c'
+    assert record.relay.failures == 0
+
+
+def test_failed_parent_without_coordinator_moves_to_origin(conf):
+    conf.set_override('parent_failures', 1, group='relay')
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    h.driver.answers['node-b'] = False
+    h.api.down = True
+    h.manager.probe_parents()
+    h.drain()
+    assert h.manager.templates[image_id].record.source.is_origin
+    assert h.driver.templates[image_id][0].is_origin
+
+
+def test_delete_asks_the_coordinator_first(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    info = h.prepare(image_id)
+    h.manager.delete_snapshot(info['data']['instance_id'])
+    h.api.pending[image_id] = ['node-c']
+    with pytest.raises(exception.TemplateInUse):
+        h.manager.release_template(image_id)
+    assert h.manager.templates[image_id].record.state == 'ready'
+    assert h.driver.calls['delete_template'] == 0
+    h.api.pending[image_id] = []
+    h.manager.templates[image_id].record.relay.children = []
+    h.manager.release_template(image_id)
+    assert h.driver.calls['delete_template'] == 1
+
+
+# -- deletion, GC, eviction -------------------------------------------------
+
+def test_template_with_snapshots_is_kept(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    info = h.prepare(image_id)
+    with pytest.raises(exception.TemplateInUse):
+        h.manager.release_template(image_id)
+    assert h.manager.collect_garbage(0) == []
+    h.manager.delete_snapshot(info['data']['instance_id'])
+    assert h.manager.collect_garbage(0) == [image_id]
+    assert h.driver.templates == {}
+
+
+def test_gc_skips_a_template_under_repair(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    info = h.prepare(image_id)
+    h.manager.delete_snapshot(info['data']['instance_id'])
+    gate = h.driver.gates['ensure_template'] = threading.Event()
+    h.driver.healthy[image_id] = False
+    conf.set_override('template_grace_period', 3600, group='agent')
+    h.manager.housekeeping()
+    _wait_for(lambda: h.driver.in_flight['ensure_template'] == 1)
+    assert h.manager.collect_garbage(0) == []
+    gate.set()
+    h.drain()
+    assert h.manager.collect_garbage(0) == [image_id]
+
+
+def test_eviction_removes_least_recently_used_idle_templates(conf):
+    conf.set_override('size_limit_mb', 3, group='cache')
+    h = Harness(conf)
+    old, recent, busy = new_id(), new_id(), new_id()
+    for image_id in (old, recent):
+        info = h.prepare(image_id)
+        h.manager.delete_snapshot(info['data']['instance_id'])
+        h.driver.usage[image_id] = 1 << 20
+    h.prepare(busy)
+    h.driver.usage[busy] = 1 << 20
+    h.manager.templates[old].record.last_used_at -= 100
+    h.prepare()
+    assert old not in h.manager.templates
+    assert recent in h.manager.templates and busy in h.manager.templates
+
+
+def test_cache_full_when_nothing_is_idle(conf):
+    conf.set_override('size_limit_mb', 1, group='cache')
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.driver.usage[image_id] = 2 << 20
+    with pytest.raises(exception.CacheFull):
+        h.prepare()
+
+
+# -- snapshots --------------------------------------------------------------
+
+def test_snapshot_in_use_is_not_deleted(conf):
+    h = Harness(conf)
+    info = h.prepare()
+    instance_id = info['data']['instance_id']
+    h.driver.users[instance_id] = 'qemu pid 4242 has it open'
+    with pytest.raises(exception.SnapshotInUse) as error:
+        h.manager.delete_snapshot(instance_id)
+    assert '4242' in str(error.value)
+    assert instance_id in h.driver.snapshot_layers
+    assert record_on_disk(conf, 'snapshots', instance_id)['state'] == 'ready'
+    del h.driver.users[instance_id]
+    h.manager.delete_snapshot(instance_id)
+    assert instance_id not in h.driver.snapshot_layers
+
+
+def test_snapshot_waits_for_a_repair_of_its_template(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    gate = h.driver.gates['ensure_template'] = threading.Event()
+    h.driver.healthy[image_id] = False
+    h.manager.housekeeping()
+    _wait_for(lambda: h.driver.in_flight['ensure_template'] == 1)
+    created = []
+    t = threading.Thread(target=lambda: created.append(
+        h.manager.create_snapshot(image_id, new_id())))
+    t.start()
+    time.sleep(0.1)
+    assert created == [] and h.driver.calls['create_snapshot'] == 1
+    gate.set()
+    t.join(10)
+    assert len(created) == 1
+    assert h.driver.log.index(('ensure_template', image_id)) < \
+        len(h.driver.log) - 1
+
+
+def test_same_instance_twice_is_refused(conf):
+    h = Harness(conf)
+    image_id, instance_id = new_id(), new_id()
+    h.prepare(image_id, instance_id)
+    with pytest.raises(exception.SnapshotExists):
+        h.manager.create_snapshot(image_id, instance_id)
+    assert h.driver.calls['create_snapshot'] == 1
+
+
+# -- restart and recovery ---------------------------------------------------
+
+def test_restart_restores_ready_templates_and_their_snapshots(conf):
+    h = Harness(conf)
+    image_id, instance_id = new_id(), new_id()
+    h.prepare(image_id, instance_id)
+    again = h.restart()
+    again.drain()
+    assert again.manager.templates[image_id].record.state == 'ready'
+    assert again.driver.calls['ensure_template'] == 1
+    assert again.driver.calls['ensure_snapshot'] == 1
+    assert again.manager.templates[image_id].record.driver_state == {
+        'generation': 2}
+    assert again.manager.templates[image_id].snapshots == {instance_id}
+
+
+def test_restart_undoes_unfinished_creates_and_deletes(conf):
+    h = Harness(conf)
+    creating, deleting, snap_creating = new_id(), new_id(), new_id()
+    h.prepare(deleting)
+    keep = h.prepare()
+    store = h.manager.store
+    store.save_template(records.Template(
+        image_id=creating, origin=records.Endpoint.from_dict(
+            fakes.origin_for(creating)), size=fakes.SIZE,
+        image_format='raw', driver='fake'))
+    record = h.manager.templates[deleting].record
+    for instance_id in list(h.manager.templates[deleting].snapshots):
+        h.manager.delete_snapshot(instance_id)
+    record.state = 'deleting'
+    store.save_template(record)
+    store.save_snapshot(records.Snapshot(
+        instance_id=snap_creating, image_id=keep['data']['image_id']))
+    again = h.restart()
+    again.drain()
+    assert creating not in again.manager.templates
+    assert deleting not in again.manager.templates
+    assert snap_creating not in again.manager.snapshots
+    assert keep['data']['instance_id'] in again.manager.snapshots
+    assert sorted(os.listdir(os.path.join(conf.agent.state_path,
+                                          'templates'))) == [
+        keep['data']['image_id']]
+
+
+def test_unreadable_records_go_to_lost_and_found_never_away(conf):
+    h = Harness(conf)
+    good = h.prepare()
+    bad_image, bad_instance = new_id(), new_id()
+    h.prepare(bad_image, bad_instance)
+    h.manager.stop()
+    state = conf.agent.state_path
+    with open(os.path.join(state, 'templates', bad_image,
+                           'record.json'), 'w') as f:
+        f.write('{"image_id": "trunc')
+    os.remove(os.path.join(state, 'snapshots', bad_instance, 'record.json'))
+    with open(os.path.join(state, 'snapshots', bad_instance,
+                           'overlay.qcow2'), 'wb') as f:
+        f.write(b'the VM wrote this')
+    again = h.restart()
+    assert good['data']['instance_id'] in again.manager.snapshots
+    assert bad_image not in again.manager.templates
+    lost = sorted(os.listdir(os.path.join(state, 'lost+found')))
+    assert [n.split('-')[0] for n in lost] == ['snapshot', 'template']
+    kept = [n for n in lost if n.startswith('snapshot-')][0]
+    with open(os.path.join(state, 'lost+found', kept,
+                           'overlay.qcow2'), 'rb') as f:
+        assert f.read() == b'the VM wrote this'
+    with open(os.path.join(state, 'lost+found', kept, 'REASON')) as f:
+        assert 'no record.json' in f.read()
+
+
+def test_repair_on_a_dead_parent_falls_back_to_the_origin(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    calls = []
+
+    def ensure(template, template_dir):
+        calls.append(template.source.node)
+        if not template.source.is_origin:
+            raise exception.SourceUnavailable(target='t', portal='p',
+                                              reason='gone')
+        return fakes.base.TemplateBuild(h.driver._export(template), None)
+    h.driver.ensure_template = ensure
+    h.driver.healthy[image_id] = False
+    h.manager.housekeeping()
+    h.drain()
+    assert calls == ['node-b', records.ORIGIN]
+    assert h.manager.templates[image_id].record.source.is_origin
+    assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
+        h.api.log
+
+
+# -- periodic work ----------------------------------------------------------
+
+def test_flush_skips_busy_templates_and_runs_in_the_background(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.manager.flush()
+    h.drain()
+    assert h.driver.calls['flush_template'] == 1
+    gate = h.driver.gates['flush_template'] = threading.Event()
+    h.manager.flush()
+    _wait_for(lambda: h.driver.in_flight['flush_template'] == 1)
+    # A flush still running is not queued twice.
+    h.manager.flush()
+    gate.set()
+    h.drain()
+    assert h.driver.calls['flush_template'] == 2
+
+
+def test_status_reads_without_blocking_on_a_busy_template(conf):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    gate = h.driver.gates['ensure_template'] = threading.Event()
+    h.driver.healthy[image_id] = False
+    h.manager.housekeeping()
+    _wait_for(lambda: h.driver.in_flight['ensure_template'] == 1)
+    started = time.monotonic()
+    status = h.manager.get_status()
+    assert time.monotonic() - started < 5
+    assert status['templates'][0]['busy'] == 'repair'
+    assert 'bytes_fetched' not in status['templates'][0]
+    gate.set()
+    h.drain()
+    status = h.manager.get_status()
+    assert status['templates'][0]['bytes_fetched'] == 7
