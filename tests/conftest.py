@@ -1,7 +1,12 @@
 import shutil
 import tempfile
 
+from oslo_service import backend
 import pytest
+
+# As thunder-agent and thunder-coordinator do before anything else: the
+# looping calls of the services run in threads, not eventlet.
+backend.init_backend(backend.BackendType.THREADING)
 
 
 def _have(*tools):

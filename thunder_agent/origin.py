@@ -2,6 +2,8 @@
 
 The server is a qemu-storage-daemon exporting the file through its format
 driver (raw or qcow2), so templates always see the image's raw contents.
+``thunder-origin`` (:mod:`thunder_agent.cmd.origin`) runs one; to serve
+inside a network namespace, run that command there (``ip netns exec``).
 """
 
 import json
@@ -13,7 +15,7 @@ from thunder_agent.drivers.qemu import storage_daemon
 
 class OriginServer:
     def __init__(self, image_path, image_format, export, listen, run_path,
-                 name=None, executable='qemu-storage-daemon', netns=None):
+                 name=None, executable='qemu-storage-daemon'):
         """*listen* is ``{'type': 'unix', 'path': P}`` or
         ``{'type': 'inet', 'host': H, 'port': N}``."""
         if image_format not in ('raw', 'qcow2'):
@@ -29,7 +31,7 @@ class OriginServer:
         if self.listen.get('type') == 'inet':
             self.listen['port'] = str(self.listen['port'])
         self.daemon = storage_daemon.StorageDaemon(
-            name or 'origin-%s' % export, run_path, executable, netns=netns)
+            name or 'origin-%s' % export, run_path, executable)
 
     def start(self):
         blockdevs = [
@@ -38,6 +40,10 @@ class OriginServer:
             {'driver': self.image_format, 'node-name': 'image',
              'file': 'image-file', 'read-only': True},
         ]
+        if self.image_format == 'qcow2':
+            # Image content is the tenant's: never follow a backing file
+            # its header names.
+            blockdevs[1]['backing'] = None
         args = []
         for bd in blockdevs:
             args += ['--blockdev', json.dumps(bd)]

@@ -1,8 +1,10 @@
 """Prefetch: warm a template's cache before (or while) VMs need it.
 
-Two engines, both working through the template's own NBD export, so that
-what they pull in lands in the cache exactly as a VM's read would (and a
-relay template's parent serves it the same way):
+Two engines, both reading through the template itself, so that what they
+pull in lands in the cache exactly as a VM's read would (and a relay
+template's parent serves it the same way): through its NBD export (the
+qemu driver, :class:`NbdAddress`) or its block device (the kernel driver,
+:class:`BlockDevice`):
 
 * :class:`TracePrefetcher` issues the reads of a boot trace in trace
   order, each cache block once, with bounded concurrency. It runs ahead of
@@ -15,7 +17,7 @@ relay template's parent serves it the same way):
 Requests are ``NBD_CMD_CACHE`` when the server offers it (QEMU's server
 does: it reads the range with copy-on-read and prefetch flags, so the
 blocks are fetched into the cache and no data comes back to us); otherwise
-plain reads whose data is thrown away.
+plain reads whose data is thrown away (always so for a block device).
 
 Both report progress (bytes done of bytes total) through a callback and a
 status dict, and can be cancelled. They run in a thread of their own
@@ -23,10 +25,16 @@ status dict, and can be cancelled. They run in a thread of their own
 """
 
 import collections
+from concurrent import futures
 import copy
-import logging
+import errno
+import itertools
+import mmap
+import os
 import threading
 import time
+
+from oslo_log import log as logging
 
 from thunder_agent import exception
 
@@ -39,6 +47,11 @@ DEFAULT_GRANULARITY = 64 * 1024
 DEFAULT_MAX_REQUEST = 1 * MIB
 POLL_MS = 200
 METHODS = ('auto', 'cache', 'read')
+MAX_CONCURRENCY = 64
+# O_DIRECT wants the buffer address, the file offset and the length
+# aligned to the device's logical block size: 512 bytes for dm and bcache
+# devices, the file system block (4 KiB) for files. A page covers both.
+DIRECT_ALIGN = 4096
 
 
 class NbdAddress:
@@ -63,8 +76,11 @@ class NbdAddress:
 
     @classmethod
     def from_export(cls, export):
-        """From the ``export`` dict an agent reports for a template, e.g.
-        ``{'driver': 'nbd', 'socket': P, 'export': NAME}``."""
+        """From the ``export`` an agent reports for a template of the qemu
+        driver (``{'driver': 'qemu', 'local': {'socket': P, 'export':
+        NAME}, ...}``), or from its ``local`` part alone."""
+        if isinstance(export, dict) and export.get('driver') == 'qemu':
+            export = export.get('local')
         if not isinstance(export, dict) or export.get('driver', 'nbd') != \
                 'nbd':
             raise exception.InvalidInput(
@@ -96,6 +112,187 @@ class NbdAddress:
         return handle
 
 
+class BlockDevice:
+    """A template's local block device (or a file), read directly.
+
+    The kernel driver's template is a device-mapper device over the local
+    cache; reading it fetches misses from the source into the cache, as a
+    VM's reads through a snapshot would. The agent needs read access to
+    the device node.
+    """
+
+    def __init__(self, path, max_read=None):
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise exception.InvalidInput(
+                reason='a block device path must be absolute, got %r'
+                       % (path,))
+        if max_read is not None and (
+                isinstance(max_read, bool) or not isinstance(max_read, int)
+                or max_read <= 0 or max_read % DIRECT_ALIGN):
+            raise exception.InvalidInput(
+                reason='max_read must be a positive multiple of %d, got %r'
+                       % (DIRECT_ALIGN, max_read))
+        self.path = path
+        # The largest single read the device is given (None: a request's
+        # length); the device's driver knows what its cache takes best.
+        self.max_read = max_read
+
+    def __str__(self):
+        return self.path
+
+    def connect(self):
+        """A :class:`BlockDeviceHandle` open on the device."""
+        return BlockDeviceHandle(self.path, self.max_read)
+
+
+class _Buffer:
+    """Room for one read of *length* bytes at any offset: page-aligned
+    (an anonymous mmap), one alignment unit longer than the length
+    rounded up, so that the aligned range around the request fits."""
+
+    def __init__(self, length, memory):
+        self.length = length
+        self.memory = memory
+
+    def __len__(self):
+        return self.length
+
+
+def _align_up(value):
+    return -(-value // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+class BlockDeviceHandle:
+    """The part of libnbd's handle the engines drive, over a local device.
+
+    Reads run in a thread pool, as many at once as the engine keeps in
+    flight (at most :data:`MAX_CONCURRENCY`), each an ``os.preadv`` with
+    ``O_DIRECT`` into a page-aligned buffer, so every byte goes down the
+    device stack (the page cache would answer a second read of a block
+    without reaching the template's cache). The data is thrown away;
+    buffers are reused. Completions are polled as with libnbd: ``poll``
+    waits up to its timeout for one, ``aio_peek_command_completed`` names
+    it, ``aio_command_completed`` collects it and raises the read's
+    OSError. A request longer than *max_read* bytes is read in pieces of
+    at most that, one after the other.
+    """
+
+    def __init__(self, path, max_read=None):
+        self.path = path
+        self.max_read = max_read
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_DIRECT
+                               | os.O_CLOEXEC)
+            self.direct = True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise exception.PrefetchFailed(
+                    address=path, reason='cannot open: %s' % e.strerror)
+            # Some file systems (tmpfs before Linux 6.6) refuse O_DIRECT;
+            # only files there, never a block device. Buffered reads then:
+            # every byte is still read once, the page cache keeps a copy.
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.direct = False
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._pool = futures.ThreadPoolExecutor(
+            MAX_CONCURRENCY, thread_name_prefix='prefetch-read')
+        self._cookies = itertools.count(1)
+        self._changed = threading.Condition()
+        self._completed = collections.deque()
+        self._errors = {}
+        self._idle = []         # buffers' memory ready for reuse
+        self._memory = []       # every buffer's memory, closed at shutdown
+        self._closed = False
+
+    # -- what the engines call --
+
+    def get_size(self):
+        return self.size
+
+    def can_cache(self):
+        # No NBD_CMD_CACHE here: reads it is.
+        return False
+
+    def new_buffer(self, length):
+        capacity = _align_up(length) + DIRECT_ALIGN
+        with self._changed:
+            fits = [m for m in self._idle if len(m) >= capacity]
+            if fits:
+                memory = min(fits, key=len)
+                self._idle.remove(memory)
+                return _Buffer(length, memory)
+        memory = mmap.mmap(-1, capacity)
+        with self._changed:
+            self._memory.append(memory)
+        return _Buffer(length, memory)
+
+    def aio_pread(self, buf, offset):
+        cookie = next(self._cookies)
+        future = self._pool.submit(self._read, buf, offset)
+        future.add_done_callback(lambda f: self._done(cookie, buf, f))
+        return cookie
+
+    def poll(self, timeout_ms):
+        with self._changed:
+            self._changed.wait_for(lambda: self._completed,
+                                   timeout_ms / 1000.0)
+            return 1 if self._completed else 0
+
+    def aio_peek_command_completed(self):
+        with self._changed:
+            return self._completed[0] if self._completed else 0
+
+    def aio_command_completed(self, cookie):
+        with self._changed:
+            self._completed.remove(cookie)
+            error = self._errors.pop(cookie)
+        if error is not None:
+            raise error
+        return True
+
+    def shutdown(self):
+        """Wait for the reads in flight (those not started are dropped),
+        close the device and free the buffers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        os.close(self._fd)
+        for memory in self._memory:
+            memory.close()
+
+    # -- internals --
+
+    def _preadv(self, view, offset):
+        return os.preadv(self._fd, [view], offset)
+
+    def _read(self, buf, offset):
+        """Read ``[offset, offset + len(buf))``, widened to the alignment
+        O_DIRECT needs; a read past the end of the device stops there."""
+        start = offset // DIRECT_ALIGN * DIRECT_ALIGN
+        want = offset + len(buf)
+        end = _align_up(want)
+        with memoryview(buf.memory) as view:
+            position = start
+            while position < want:
+                stop = end if self.max_read is None else min(
+                    end, position + self.max_read)
+                n = self._preadv(view[position - start:stop - start],
+                                 position)
+                if n <= 0:
+                    raise OSError(errno.EIO, 'the device ends at %d bytes'
+                                  % position)
+                position += n
+
+    def _done(self, cookie, buf, future):
+        error = None if future.cancelled() else future.exception()
+        with self._changed:
+            self._idle.append(buf.memory)
+            self._errors[cookie] = error
+            self._completed.append(cookie)
+            self._changed.notify_all()
+
+
 # -- planning and pacing (pure) --
 
 def plan_trace(trace, granularity=DEFAULT_GRANULARITY,
@@ -116,7 +313,8 @@ def plan_trace(trace, granularity=DEFAULT_GRANULARITY,
     for read in trace.reads:
         run_start = run_blocks = 0
         first = read.offset // granularity
-        last = (read.end - 1) // granularity
+        # Nothing past the image's end (a trace may read beyond it).
+        last = min(read.end - 1, size - 1) // granularity
         for block in range(first, last + 1):
             if block in seen:
                 if run_blocks:
@@ -224,9 +422,10 @@ class Prefetcher:
             raise exception.InvalidInput(
                 reason='method must be one of %s' % ', '.join(METHODS))
         if isinstance(concurrency, bool) or not isinstance(
-                concurrency, int) or not 1 <= concurrency <= 64:
+                concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
             raise exception.InvalidInput(
-                reason='concurrency must be 1..64, got %r' % (concurrency,))
+                reason='concurrency must be 1..%d, got %r'
+                       % (MAX_CONCURRENCY, concurrency))
         self.address = address
         self.method = method
         self.concurrency = concurrency
@@ -346,7 +545,11 @@ class Prefetcher:
         *before_issue(length)* may sleep (pacing) and returns False to stop
         issuing.
         """
-        import nbd
+        if isinstance(handle, BlockDeviceHandle):
+            new_buffer, errors = handle.new_buffer, OSError
+        else:
+            import nbd
+            new_buffer, errors = nbd.Buffer, nbd.Error
         pending = collections.deque(requests)
         in_flight = {}
         while in_flight or (pending and not self.cancelled):
@@ -360,7 +563,7 @@ class Prefetcher:
                     cookie = handle.aio_cache(length, offset)
                     buf = None
                 else:
-                    buf = nbd.Buffer(length)
+                    buf = new_buffer(length)
                     cookie = handle.aio_pread(buf, offset)
                 in_flight[cookie] = (offset, length, buf)
             if not in_flight:
@@ -375,7 +578,7 @@ class Prefetcher:
                 offset, length, _ = in_flight.pop(cookie)
                 try:
                     handle.aio_command_completed(cookie)
-                except nbd.Error as e:
+                except errors as e:
                     raise exception.PrefetchFailed(
                         address=str(self.address),
                         reason='request %d+%d: %s' % (offset, length, e))
@@ -385,7 +588,8 @@ class Prefetcher:
 class TracePrefetcher(Prefetcher):
     """Fetch a boot trace's blocks in trace order.
 
-    :param address: :class:`NbdAddress` of the template export.
+    :param address: :class:`NbdAddress` of the template export or the
+        template's :class:`BlockDevice`.
     :param trace: :class:`thunder_agent.trace.Trace` of the same image.
     :param granularity: the cache's block size; each block is fetched once.
     :param concurrency: requests in flight at most.

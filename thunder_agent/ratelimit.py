@@ -7,8 +7,9 @@ traffic (tenants, RPC, the node's own fetches) passes unshaped. The limit
 replaces the interface's root qdisc; :func:`clear` restores the kernel
 default. IPv4 and IPv6 (without extension headers) are matched.
 
-The tc changes run in the privsep daemon (:mod:`thunder_agent.privileged`);
-reading the state back needs no privilege.
+The tc changes run in the privsep daemon
+(:mod:`thunder_agent.privileged.network`); reading the state back needs no
+privilege.
 """
 
 import re
@@ -17,7 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from thunder_agent import exception
-from thunder_agent import privileged
+from thunder_agent.privileged import network as priv_network
 
 _IFNAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}$')
 # HTB keeps rates in 32-bit bytes per second.
@@ -44,13 +45,13 @@ def limit(interface, rate_bps, ports):
                 0 < port <= 65535):
             raise exception.InvalidInput(
                 reason='relay port %r is not in 1..65535' % (port,))
-    _checked(privileged.set_relay_rate_limit, interface, rate_bps // 8,
+    _checked(priv_network.set_relay_rate_limit, interface, rate_bps // 8,
              sorted(set(ports)))
 
 
 def clear(interface):
     """Remove the relay rate limit of *interface* (no-op if none)."""
-    _checked(privileged.clear_relay_rate_limit, _interface(interface))
+    _checked(priv_network.clear_relay_rate_limit, _interface(interface))
 
 
 def status(interface):
@@ -64,7 +65,7 @@ def status(interface):
                 reason='no interface %s' % interface)
         for tc_class in ipr.get_classes(index=found[0]):
             if (tc_class.get('TCA_KIND') == 'htb'
-                    and tc_class['handle'] == privileged.RELAY_CLASS):
+                    and tc_class['handle'] == priv_network.RELAY_CLASS):
                 params = tc_class.get('TCA_OPTIONS').get('TCA_HTB_PARMS')
                 stats = tc_class.get('TCA_STATS') or {}
                 return {'rate_bps': params['rate'] * 8,

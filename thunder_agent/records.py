@@ -25,8 +25,8 @@ import dataclasses
 import json
 import time
 
-# The tree root as a parent reference; '@' never appears in a host name.
-ORIGIN = '@origin'
+# The tree root as a parent reference, as the coordinator names it.
+from thunder_agent.coordinator import ORIGIN  # noqa: F401
 
 CREATING = 'creating'
 READY = 'ready'

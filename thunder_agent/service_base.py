@@ -9,6 +9,7 @@ once does not call the coordinator in lockstep.
 """
 
 import random
+import threading
 
 from oslo_log import log as logging
 from oslo_service import loopingcall
@@ -79,6 +80,7 @@ class RPCService(service.Service):
         self.manager = None
         self.rpc_server = None
         self.jobs = []
+        self._stopping = threading.Event()
 
     def make_manager(self):
         raise NotImplementedError
@@ -98,7 +100,13 @@ class RPCService(service.Service):
         for job in self.jobs:
             LOG.debug('Periodic job %s started', job.name)
 
+    def wait(self):
+        # The launcher's wait: the service runs until stop() is asked for
+        # (the RPC server and the looping calls run in their own threads).
+        self._stopping.wait()
+
     def stop(self, graceful=False):
+        self._stopping.set()
         for job in self.jobs:
             job.stop()
         if self.rpc_server is not None:

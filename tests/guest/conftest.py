@@ -279,14 +279,23 @@ class Image:
         with open('/sys/block/%s/stat' % os.path.basename(self.loop)) as f:
             return int(f.read().split()[2]) * 512
 
-    def export(self, portal_address, secret=None):
-        """The origin export as Cinder would hand it out."""
-        return {'driver_volume_type': 'iscsi',
-                'data': {'target_portal': '%s:3260' % portal_address,
-                         'target_iqn': self.iqn, 'target_lun': 1,
-                         'target_discovered': False, 'auth_method': 'CHAP',
-                         'auth_username': 'origin-' + self.image_id[:8],
-                         'auth_password': secret or self.secret}}
+    def export(self, portal_address):
+        """The origin export as Cinder would hand it out (an
+        :class:`~thunder_agent.records.Endpoint`), with its CHAP secret."""
+        from thunder_agent import records
+
+        return records.Endpoint('iscsi', {
+            'target_portal': '%s:3260' % portal_address,
+            'target_iqn': self.iqn, 'target_lun': 1,
+            'target_discovered': False, 'auth_method': 'CHAP',
+            'auth_username': 'origin-' + self.image_id[:8],
+            'auth_password': self.secret})
+
+    def origin(self, portal_address):
+        """The origin as a template's source."""
+        from thunder_agent import records
+
+        return records.Source.origin(self.export(portal_address))
 
 
 @pytest.fixture(scope='session')
@@ -327,37 +336,52 @@ def make_image(guest):
         sh('losetup', '--detach', image.loop, check=False)
 
 
-# -- agents' backends -----------------------------------------------------
+# -- agents' drivers -------------------------------------------------------
+
+# The deployment's relay key: every host derives the CHAP secrets of the
+# relay exports from it.
+RELAY_KEY = os.urandom(32)
+# Each host reads the origin at an address of its own (see the top).
+ORIGIN_ADDRESS = {'a': '10.99.1.1', 'b': '10.99.1.2'}
+
 
 class Agent:
-    """One host's kernel backend with the directories the manager would
-    give it."""
+    """One host's kernel driver, driven as the manager would: records in,
+    returned values stored in the records, directories of its own."""
 
-    def __init__(self, host, **kernel_overrides):
+    def __init__(self, host, relay_key=RELAY_KEY, **kernel_overrides):
         from oslo_config import cfg
 
         from thunder_agent.drivers.kernel import driver as kernel
         from thunder_agent import conf as agent_conf
 
         self.host = host
+        self.node = 'host-' + host.name
         # Two agents in one process must not share option overrides.
         conf = agent_conf.register_opts(cfg.ConfigOpts())
         conf([], project='thunder-agent')
-        conf.set_override('host', 'host-' + host.name)
+        conf.set_override('host', self.node)
         conf.set_override('state_path', os.path.join(host.workdir, 'state'),
                           group='agent')
         conf.set_override('run_path', os.path.join(host.workdir, 'run'),
                           group='agent')
+        conf.set_override('enabled', True, group='relay')
+        key_file = os.path.join(host.workdir, 'relay-%s.key'
+                                % hashlib.sha256(relay_key).hexdigest()[:8])
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(relay_key)
         settings = {'device_prefix': 'th' + host.name,
                     'tgt_control_port': host.control_port,
-                    'export_address': host.address}
+                    'export_address': host.address,
+                    'relay_key_file': key_file}
         settings.update(kernel_overrides)
         for key, value in settings.items():
             conf.set_override(key, value, group='kernel')
         os.makedirs(conf.agent.run_path, exist_ok=True)
         self.conf = conf
-        self.backend = kernel.KernelDriver(conf)
-        self.backend.start()
+        self.driver = kernel.KernelDriver(conf)
+        self.driver.start()
 
     def template_dir(self, image_id):
         return os.path.join(self.conf.agent.state_path, 'templates',
@@ -367,43 +391,80 @@ class Agent:
         return os.path.join(self.conf.agent.state_path, 'snapshots',
                             instance_id)
 
-    def create_template(self, image, sources):
-        from thunder_agent import state
+    def origin(self, image):
+        """The image's origin as this host reaches it."""
+        return image.origin(ORIGIN_ADDRESS[self.host.name])
 
-        template = state.Template(
-            image_id=image.image_id, origin=sources[0], size=image.size,
-            image_format='raw', backend='kernel', sources=list(sources))
+    def parent_source(self, parent, template):
+        """The source reading *parent*'s relaying *template*, as this
+        host's manager builds it from the coordinator's answer."""
+        return self.driver.parent_source(parent.node, template.export.relay,
+                                         template.image_id)
+
+    def create_template(self, image, sources=None, relay=False):
+        """A READY template; *relay*: exported to children, under the
+        address the manager would reserve."""
+        from thunder_agent import records
+
+        origin = self.origin(image)
+        template = records.Template(
+            image_id=image.image_id, origin=origin.endpoint,
+            size=image.size, image_format='raw', driver='kernel',
+            sources=list(sources or [origin]))
+        if relay:
+            template.export = records.Export(
+                'kernel', {}, relay=self.driver.relay_address(
+                    image.image_id, []))
         tdir = self.template_dir(image.image_id)
         os.makedirs(tdir)
         try:
-            template.export = self.backend.create_template(template, tdir)
+            build = self.driver.create_template(template, tdir)
         except Exception:
             with contextlib.suppress(Exception):
-                self.backend.delete_template(template, tdir)
+                self.driver.delete_template(template, tdir)
             shutil.rmtree(tdir)
             raise
+        template.export = build.export
+        if build.driver_state is not None:
+            template.driver_state = build.driver_state
+        template.state = records.READY
         return template
+
+    def set_sources(self, template, sources):
+        state = self.driver.set_sources(
+            template, self.template_dir(template.image_id), sources)
+        template.sources = list(sources)
+        if state is not None:
+            template.driver_state = state
+
+    def stats(self, template):
+        stats, state = self.driver.template_stats(
+            template, self.template_dir(template.image_id))
+        if state is not None:
+            template.driver_state = state
+        return stats
 
     def delete_template(self, template):
         tdir = self.template_dir(template.image_id)
-        self.backend.delete_template(template, tdir)
+        self.driver.delete_template(template, tdir)
         shutil.rmtree(tdir)
 
     def create_snapshot(self, template):
-        from thunder_agent import state
+        from thunder_agent import records
 
-        snap = state.Snapshot(instance_id=str(uuid.uuid4()),
-                              image_id=template.image_id)
+        snap = records.Snapshot(instance_id=str(uuid.uuid4()),
+                                image_id=template.image_id)
         sdir = self.snapshot_dir(snap.instance_id)
         os.makedirs(sdir)
-        snap.connection_info = self.backend.create_snapshot(
+        snap.connection_info = self.driver.create_snapshot(
             template, self.template_dir(template.image_id),
             snap.instance_id, sdir)
+        snap.state = records.READY
         return snap
 
     def delete_snapshot(self, template, snap):
         sdir = self.snapshot_dir(snap.instance_id)
-        self.backend.delete_snapshot(
+        self.driver.delete_snapshot(
             template, self.template_dir(template.image_id), snap, sdir)
         shutil.rmtree(sdir)
 

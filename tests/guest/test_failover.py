@@ -17,12 +17,12 @@ def test_reads_block_on_parent_loss_and_resume_after_reparent(
         agents, make_image, guest):
     image = make_image(16 * MIB)
     a, b = agents('a'), agents('b')
-    ta = a.create_template(image, [image.export('10.99.1.1')])
-    tb = b.create_template(image, [ta.export])
+    ta = a.create_template(image, relay=True)
+    tb = b.create_template(image, [b.parent_source(a, ta)])
     snap = b.create_snapshot(tb)
     tdir_b = b.template_dir(image.image_id)
     # B's re-attachment to the origin (B's own address of it).
-    origin = image.export('10.99.1.2')
+    origin = b.origin(image)
     progress = {'offset': 0, 'paused_at': None}
     paused, go = threading.Event(), threading.Event()
     outcome = {}
@@ -58,25 +58,26 @@ def test_reads_block_on_parent_loss_and_resume_after_reparent(
         time.sleep(2)
         assert progress['offset'] == stalled_at
         # The only path has failed; dm-multipath holds the I/O.
-        paths = b.backend.source_paths(tb, tdir_b)
+        paths = b.driver.source_paths(tb, tdir_b)
         assert [active for _dev, active in paths['paths']] == [False]
 
-        b.backend.set_sources(tb, tdir_b, [origin])
+        b.set_sources(tb, [origin])
         reparented = time.monotonic()
-        tb.sources = [origin]
         thread.join(180)
         assert not thread.is_alive()
         assert 'error' not in outcome, outcome
         assert outcome['sha256'] == image.sha256
-        paths = b.backend.source_paths(tb, tdir_b)
+        paths = b.driver.source_paths(tb, tdir_b)
         assert [active for _dev, active in paths['paths']] == [True]
         # A's tgtd comes back empty: its template is unhealthy until the
-        # agent re-exports it, with the same credentials.
+        # agent re-exports it, under the same address and credentials.
         guest['a'].restart_tgtd()
         tdir_a = a.template_dir(image.image_id)
-        assert not a.backend.is_healthy(ta, tdir_a)
-        assert a.backend.ensure_template(ta, tdir_a) == ta.export
-        assert a.backend.is_healthy(ta, tdir_a)
+        assert not a.driver.is_healthy(ta, tdir_a)
+        build = a.driver.ensure_template(ta, tdir_a)
+        assert build.export == ta.export
+        assert a.driver.is_healthy(ta, tdir_a)
+        assert b.driver.source_ready(b.parent_source(a, ta))
         record('failover', {
             'paused_at_bytes': progress['paused_at'],
             'stalled_at_bytes': stalled_at,
@@ -88,8 +89,7 @@ def test_reads_block_on_parent_loss_and_resume_after_reparent(
         go.set()
         if thread.is_alive() and tb.sources != [origin]:
             # Unblock the reader whatever failed above.
-            b.backend.set_sources(tb, tdir_b, [origin])
-            tb.sources = [origin]
+            b.set_sources(tb, [origin])
         thread.join(180)
         b.delete_snapshot(tb, snap)
         b.delete_template(tb)

@@ -1,24 +1,34 @@
-"""Relay tree origin -> A -> B with the kernel backend (inside the guest).
+"""Relay tree origin -> A -> B with the kernel driver (inside the guest).
+
+A's template relays (exported by A's tgtd); B reads it through the source
+B's driver makes of A's relay address, as B's manager would from the
+coordinator's answer: no secret in it, both sides derive the CHAP secret
+from the relay key. B's template is a leaf and is not exported.
 
 The tests share one tree (building a template takes a while under TCG)
-and run in file order: B's login with a wrong CHAP secret before B has
+and run in file order: B's login with a wrong relay key before B has
 attached, then the relay, then the teardown, which checks that nothing is
 left.
 """
 
-import copy
+import dataclasses
 import hashlib
+import json
 import os
+import socket
 
 import pytest
 
 from thunder_agent import exception
+from thunder_agent import records
+from thunder_agent.drivers.kernel import chap
 from tests.guest.conftest import Agent
 from tests.guest.conftest import iscsi_sessions
 from tests.guest.conftest import leftovers
 from tests.guest.conftest import MIB
 from tests.guest.conftest import read_device
 from tests.guest.conftest import record
+from tests.guest.conftest import RELAY_KEY
 from tests.guest.conftest import settle
 from tests.guest.conftest import sh
 from tests.guest.conftest import write_device
@@ -32,14 +42,18 @@ class Tree:
         self.image = image
         self.a, self.b = Agent(guest['a']), Agent(guest['b'])
         self.probe_start = image.origin_bytes_read()
-        self.ta = self.a.create_template(image, [image.export('10.99.1.1')])
+        self.ta = self.a.create_template(image, relay=True)
         self.tb = None
         self.snapshots = []     # (agent, template, snapshot)
 
+    def source(self):
+        """B's source: A's export."""
+        return self.b.parent_source(self.a, self.ta)
+
     def child(self):
-        """B's template, relaying from A (built on first use)."""
+        """B's template, reading from A (built on first use)."""
         if self.tb is None:
-            self.tb = self.b.create_template(self.image, [self.ta.export])
+            self.tb = self.b.create_template(self.image, [self.source()])
         return self.tb
 
     def snapshot(self, agent, template):
@@ -89,23 +103,51 @@ def _tpl(agent, template):
                                       template.image_id)
 
 
-def test_wrong_chap_secret_is_refused(tree):
+def test_a_wrong_relay_key_is_refused(tree):
     image, ta, b = tree.image, tree.ta, tree.b
-    assert ta.export['data']['auth_method'] == 'CHAP'
-    assert len(ta.export['data']['auth_password']) >= 12
-    wrong = copy.deepcopy(ta.export)
-    wrong['data']['auth_password'] = 'WrongSecret12345'
+    relay = ta.export.relay
+    assert (relay.host, relay.port) == ('10.99.2.1', 3260)
+    source = tree.source()
+    assert source.node == 'host-a'
+    assert source.endpoint.data['auth_method'] == 'CHAP'
+    assert 'auth_password' not in source.endpoint.data
+    wrong_key = os.urandom(32)
+    wrong = Agent(tree.guest['b'], relay_key=wrong_key)
     with pytest.raises(exception.SourceUnavailable) as info:
-        b.create_template(image, [wrong])
-    assert 'WrongSecret12345' not in str(info.value)
+        wrong.create_template(image, [source])
+    for secret in (chap.relay_secret(wrong_key, relay.export),
+                   chap.relay_secret(RELAY_KEY, relay.export)):
+        assert secret not in str(info.value)
     # No CHAP at all is refused before any login is tried.
-    bare = copy.deepcopy(ta.export)
-    del bare['data']['auth_method']
+    data = dict(source.endpoint.data)
+    del data['auth_method']
     with pytest.raises(exception.InvalidSource):
-        b.create_template(image, [bare])
-    a_portal = ta.export['data']['target_portal']
+        b.create_template(image, [dataclasses.replace(
+            source, endpoint=records.Endpoint('iscsi', data))])
+    a_portal = source.endpoint.data['target_portal']
     assert [s for s in iscsi_sessions() if s[0] == a_portal] == []
     assert leftovers(b) == {'dm': [], 'loops': [], 'targets': []}
+
+
+def test_b_sees_when_a_serves(tree):
+    image, b, source = tree.image, tree.b, tree.source()
+    assert b.driver.source_answers(source, 5)
+    assert b.driver.source_ready(source)
+    # A's tgtd answers, but no template of that name is exported yet.
+    unknown = tree.a.driver.relay_address(
+        '00000000-0000-4000-8000-000000000000', [])
+    other = b.driver.parent_source('host-a', unknown, image.image_id)
+    assert b.driver.source_answers(other, 5)
+    assert not b.driver.source_ready(other)
+    closed = socket.socket()
+    closed.bind(('127.0.0.1', 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    gone = b.driver.parent_source('host-a', records.RelayAddress(
+        '127.0.0.1', port, source.endpoint.data['target_iqn']),
+        image.image_id)
+    assert not b.driver.source_answers(gone, 5)
+    assert not b.driver.source_ready(gone)
 
 
 def test_b_snapshot_matches_image_and_origin_sends_it_once(tree):
@@ -120,21 +162,31 @@ def test_b_snapshot_matches_image_and_origin_sends_it_once(tree):
     assert info['data']['backend'] == 'kernel'
     assert info['data']['device_path'].startswith('/dev/mapper/')
     assert info['data']['instance_id'] == snap_b.instance_id
+    # B is a leaf: its template is not exported; A's is, and the secret
+    # both derived is in no record, source, export or layout.
+    assert tree.tb.export.relay is None
+    assert leftovers(b)['targets'] == []
+    assert len(leftovers(a)['targets']) == 1
+    secret = chap.relay_secret(RELAY_KEY, tree.ta.export.relay.export)
+    for text in [json.dumps(t.to_dict()) for t in (tree.ta, tree.tb)] + [
+            open(os.path.join(d, 'kernel.json')).read()
+            for d in (tdir_a, tdir_b)]:
+        assert secret not in text
     # udev probes every new block device (blkid reads its first and last
     # blocks); below the caches those reads go upstream, once.
     settle()
     setup = image.origin_bytes_read() - tree.probe_start
-    setup_b = b.backend.template_stats(tree.tb, tdir_b).bytes_fetched
+    setup_b = b.stats(tree.tb).bytes_fetched
 
     assert read_device(_device(snap_b), image.size) == image.sha256
     assert read_device(_device(snap_a), image.size) == image.sha256
-    fetched_b = b.backend.template_stats(tree.tb, tdir_b).bytes_fetched
+    fetched_b = b.stats(tree.tb).bytes_fetched
     # B again: served from its cache.
     assert read_device(_device(snap_b), image.size) == image.sha256
 
     origin = image.origin_bytes_read() - tree.probe_start
-    stats_a = a.backend.template_stats(tree.ta, tdir_a)
-    stats_b = b.backend.template_stats(tree.tb, tdir_b)
+    stats_a = a.stats(tree.ta)
+    stats_b = b.stats(tree.tb)
     record('relay_origin_bytes', {
         'image_bytes': image.size, 'origin_bytes': origin,
         'origin_bytes_device_probes': setup,
@@ -194,16 +246,19 @@ def test_teardown_refuses_while_used_and_then_leaves_nothing(tree):
 
     # A has a child (B's session) and a snapshot; B has snapshots.
     with pytest.raises(exception.TemplateInUse):
-        a.backend.delete_template(ta, a.template_dir(image.image_id))
+        a.driver.delete_template(ta, a.template_dir(image.image_id))
     with pytest.raises(exception.TemplateInUse):
-        b.backend.delete_template(tb, b.template_dir(image.image_id))
+        b.driver.delete_template(tb, b.template_dir(image.image_id))
     # A VM (here: an open file descriptor) uses the snapshot.
+    sdir = b.snapshot_dir(snaps_b[0].instance_id)
+    assert b.driver.snapshot_users(tb, snaps_b[0], sdir) is None
     fd = os.open(path, os.O_RDONLY)
     try:
+        assert b.driver.snapshot_users(tb, snaps_b[0], sdir) == \
+            'device %s is open 1 time(s)' % path
         with pytest.raises(exception.SnapshotInUse):
-            b.backend.delete_snapshot(tb, b.template_dir(image.image_id),
-                                      snaps_b[0], b.snapshot_dir(
-                                          snaps_b[0].instance_id))
+            b.driver.delete_snapshot(tb, b.template_dir(image.image_id),
+                                     snaps_b[0], sdir)
     finally:
         os.close(fd)
     # The refusals changed nothing.
@@ -216,7 +271,7 @@ def test_teardown_refuses_while_used_and_then_leaves_nothing(tree):
     tree.tb = None
     # B's session to A is gone; A still has its snapshot.
     with pytest.raises(exception.TemplateInUse):
-        a.backend.delete_template(ta, a.template_dir(image.image_id))
+        a.driver.delete_template(ta, a.template_dir(image.image_id))
     tree.delete_snapshot(snap_a)
     a.delete_template(ta)
     tree.ta = None

@@ -1,7 +1,9 @@
 """``thunder-origin``: serve an image file read-only over NBD.
 
-Prints the origin as the agent's ``origin`` argument (JSON) and serves until
-interrupted.
+Prints the origin as the agent's ``origin`` argument (JSON) once it serves,
+and serves until SIGINT or SIGTERM, which stop the server. To serve inside
+a network namespace, run it there (``ip netns exec NS thunder-origin ...``):
+the listening socket is made where the command runs.
 """
 
 import argparse
@@ -35,17 +37,20 @@ def main(argv=None):
                         help='unix:PATH or tcp:HOST:PORT')
     parser.add_argument('--run-path', default='/run/thunder-origin')
     args = parser.parse_args(argv)
+    # Handlers first: a signal while the server starts must still stop it
+    # (its daemon is not our child and would outlive us).
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: done.set())
     try:
         server = origin.OriginServer(args.image, args.format, args.export,
                                      args.listen, args.run_path).start()
     except exception.ThunderException as e:
         print('thunder-origin: %s' % e, file=sys.stderr)
         return 2
-    print(json.dumps(server.connection()), flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *a: done.set())
-    done.wait()
+    if not done.is_set():
+        print(json.dumps(server.connection()), flush=True)
+        done.wait()
     server.stop()
     return 0
 

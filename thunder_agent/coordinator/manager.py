@@ -21,9 +21,10 @@ Each public method validates all of its input before touching a tree.
 
 import collections
 import itertools
-import logging
 import threading
 import time
+
+from oslo_log import log as logging
 
 from thunder_agent.coordinator import ORIGIN
 from thunder_agent.coordinator import policies

@@ -15,10 +15,11 @@ Shapes:
 * an origin is Cinder-style connection info, e.g. ``{'driver_volume_type':
   'nbd', 'data': {'host': ..., 'port': ..., 'export': ...}}``;
 * an answer is ``{'parents': [parent, ...], 'depth': int or None,
-  'children': [node id, ...]}`` where a parent is ``{'node': id, 'address': address}`` or, for the root, the
-  origin as the node gave it; depth counts hops from the origin. Right
-  after a coordinator restart a parent may come with ``'address': None``
-  and depth None: it has not reported yet; keep reading from it as before;
+  'children': [node id, ...]}`` where a parent is ``{'node': id,
+  'address': address}`` or, for the root, the origin as the node gave it;
+  depth counts hops from the origin. Right after a coordinator restart a
+  parent may come with ``'address': None`` and depth None: it has not
+  reported yet; keep reading from it as before;
 * in heartbeats, parents are named by node id, the origin by
   :data:`thunder_agent.coordinator.ORIGIN`.
 

@@ -44,4 +44,5 @@ def get_server(transport, manager, topic, host):
     # oslo.messaging's threading executor: up to executor_thread_pool_size
     # (64) calls run at once; the manager never serialises them.
     return messaging.get_rpc_server(transport, target,
-                                    [AgentEndpoint(manager)])
+                                    [AgentEndpoint(manager)],
+                                    executor='threading')

@@ -49,7 +49,6 @@ from thunder_lab.bench import torrent
 from thunder_lab.bench import vm as vm_mod
 from thunder_agent import exception
 from thunder_lab import exception as lab_exception
-from thunder_agent import origin as origin_mod
 from thunder_lab.emulation import cluster as cluster_mod
 from thunder_lab import trace_recorder
 
@@ -410,14 +409,11 @@ def _run_thunder(storm, tc, image_id, workdir):
     snapshots, VMs. The origin host serves the image under that id (relay
     trees identify the image by the origin's export name) from a second
     origin server, next to the cluster's own."""
+    from thunder_lab.emulation import thunder_cluster
     config = storm.config
-    origin_host = tc.cluster.origin
-    origin = origin_mod.OriginServer(
-        config.image, 'raw', image_id,
-        {'type': 'inet', 'host': origin_host.address,
-         'port': _next_origin_port()},
-        os.path.join(workdir, 'origin'), name='origin',
-        netns=origin_host.netns).start()
+    origin = thunder_cluster.OriginProcess(
+        tc.cluster.origin, config.image, 'raw', image_id,
+        _next_origin_port(), os.path.join(workdir, 'origin')).start()
     try:
         return _storm_on_agents(storm, tc, origin, image_id, workdir)
     finally:

@@ -2,26 +2,128 @@
 
 RabbitMQ on the root namespace's loopback (reachable from every host
 through :mod:`thunder_lab.emulation.cluster`'s port exposure), a
-thunder-coordinator, an origin host serving one image over NBD, and one
-thunder-agent per compute host, each inside its own network namespace with
-relaying enabled and its exports on the host's cluster address.
+thunder-coordinator, an origin host serving one image over NBD (the real
+``thunder-origin`` command, run inside the origin host's namespace), and
+one thunder-agent per compute host, each inside its own network namespace
+with relaying enabled and its exports on the host's cluster address.
 """
 
 import json
 import os
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
-from thunder_agent import origin as origin_mod
+from oslo_utils import excutils
+
+from thunder_agent.drivers.qemu import storage_daemon
 from thunder_lab.emulation import agent as agent_mod
 from thunder_lab.emulation import cluster as cluster_mod
 from thunder_lab.emulation import coordinator as coordinator_mod
 from thunder_lab.emulation import rabbitmq
 
 ORIGIN_PORT = 10809
+
+
+class OriginProcess:
+    """``thunder-origin`` serving *image* as *export* on *host*'s address.
+
+    It runs as ``python -m thunder_agent.cmd.origin`` under ``ip netns
+    exec``, so the daemon's listening socket (with TCP_NODELAY) is made
+    inside the host's namespace. The command prints the origin's
+    connection info (JSON) once it serves and stops its daemon on SIGTERM.
+    Bytes the origin read are its daemon's ``rchar`` (the daemon is found
+    through its pid file in *run_path*).
+    """
+
+    def __init__(self, host, image, image_format, export, port, run_path,
+                 start_timeout=60):
+        self.host = host
+        self.image = image
+        self.image_format = image_format
+        self.export = export
+        self.port = port
+        self.run_path = run_path
+        self.start_timeout = start_timeout
+        self.log_path = os.path.join(run_path, 'thunder-origin.log')
+        # thunder-origin names its daemon after the export.
+        self.daemon = storage_daemon.StorageDaemon('origin-%s' % export,
+                                                   run_path)
+        self.proc = None
+        self._connection = None
+
+    def start(self):
+        os.makedirs(self.run_path, exist_ok=True)
+        argv = [sys.executable, '-m', 'thunder_agent.cmd.origin',
+                '--image', self.image, '--format', self.image_format,
+                '--export', self.export,
+                '--listen', 'tcp:%s:%d' % (self.host.address, self.port),
+                '--run-path', self.run_path]
+        with open(self.log_path, 'ab') as log:
+            self.proc = self.host.popen(argv, stdout=subprocess.PIPE,
+                                        stderr=log, start_new_session=True)
+        try:
+            self._connection = json.loads(self._first_line())
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self.stop()
+        return self
+
+    def _first_line(self):
+        deadline = time.monotonic() + self.start_timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.5):
+                    line = self.proc.stdout.readline()
+                    if line:
+                        return line.decode()
+                    break
+                if self.proc.poll() is not None:
+                    break
+        raise RuntimeError('thunder-origin did not serve (exit %s): %s'
+                           % (self.proc.poll(), self.log_tail()))
+
+    def log_tail(self, size=2000):
+        try:
+            with open(self.log_path, 'rb') as f:
+                return f.read()[-size:].decode(errors='replace')
+        except OSError:
+            return ''
+
+    def connection(self):
+        """The origin as the agent's ``origin`` argument expects it."""
+        return json.loads(json.dumps(self._connection))
+
+    def bytes_read(self):
+        """Bytes the origin daemon has read so far (image data it served,
+        plus a few bytes per request of protocol and control traffic)."""
+        counters = self.daemon.io_counters()
+        return counters['rchar'] if counters else None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc is not None:
+            self.proc.stdout.close()
+        # A command that was killed left its (daemonized) server behind.
+        self.daemon.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 class ThunderCluster:
@@ -75,13 +177,10 @@ class ThunderCluster:
             self.rabbit.transport_url, os.path.join(self.workdir, 'coord'),
             topic=topic, options=coord_opts).start()
         self.coordinator_options = coord_opts
-        origin_host = self.cluster.origin
-        self.origin = origin_mod.OriginServer(
-            self.image, self.image_format, self.image_id,
-            {'type': 'inet', 'host': origin_host.address,
-             'port': ORIGIN_PORT},
-            os.path.join(self.workdir, 'origin'), netns=origin_host.netns)
-        self.origin.start()
+        self.origin = OriginProcess(
+            self.cluster.origin, self.image, self.image_format,
+            self.image_id, ORIGIN_PORT,
+            os.path.join(self.workdir, 'origin')).start()
         for host in self.cluster.hosts:
             options = {
                 'relay': {'enabled': 'true',

@@ -46,6 +46,11 @@ TOOLS = {'qemu-system-x86_64': 'qemu-system-x86', 'busybox':
 PIP_PACKAGE = 'virtme-ng'
 ENV_IN_GUEST = 'THUNDER_GUEST'
 ENV_RESULTS = 'THUNDER_GUEST_RESULTS'
+# oslo.messaging URL of the broker the guest's agents and coordinator use:
+# a RabbitMQ on this host's loopback, which the guest reaches through
+# QEMU's user-mode network as 10.0.2.2 (its alias of the host's 127.0.0.1).
+ENV_TRANSPORT_URL = 'THUNDER_GUEST_TRANSPORT_URL'
+HOST_FROM_GUEST = '10.0.2.2'
 
 
 @dataclasses.dataclass
@@ -76,8 +81,10 @@ class GuestResult:
 
 
 def project_root():
+    # <root>/lab/thunder_lab/guest/harness.py: the checkout holding
+    # tests/guest and tools/guest-run.
     return os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+        os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _venv_bin():
@@ -177,7 +184,8 @@ def _cached_trees(results_dir):
             if not (results_dir + os.sep).startswith(t + os.sep)]
 
 
-def guest_script(results_dir, selection, pytest_args, test_timeout):
+def guest_script(results_dir, selection, pytest_args, test_timeout,
+                 transport_url=None):
     """The shell script the guest runs (written into the results dir)."""
     root = project_root()
     mounts = ['mkdir -p %s' % CACHED_SHARE_MOUNT,
@@ -204,6 +212,8 @@ def guest_script(results_dir, selection, pytest_args, test_timeout):
         'export %s=1 %s=%s PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1'
         % (ENV_IN_GUEST, ENV_RESULTS, results),
         'export PATH=%s' % shlex.quote(_search_path()),
+    ] + (['export %s=%s' % (ENV_TRANSPORT_URL, shlex.quote(transport_url))]
+         if transport_url else []) + [
         'uname -r > %s/kernel-release' % results,
         '%s > %s/pytest.log 2>&1' % (' '.join(shlex.quote(a)
                                               for a in pytest), results),
@@ -233,11 +243,36 @@ def parse_junit(path):
 
 def run(selection=DEFAULT_SELECTION, results_dir=None, pytest_args=(),
         timeout=DEFAULT_TIMEOUT, memory=DEFAULT_MEMORY, cpus=2,
-        install=True, log=print):
+        install=True, log=print, broker=True):
     """Boot the guest, run pytest on *selection* inside, return a
     :class:`GuestResult`. Raises GuestHarnessError when the guest cannot
-    be started at all."""
+    be started at all.
+
+    With *broker* (the default) a private RabbitMQ runs on this host's
+    loopback for the run, and the guest gets its URL in
+    ``THUNDER_GUEST_TRANSPORT_URL``: the agents and the coordinator inside
+    talk over real oslo.messaging RPC (RabbitMQ under TCG would take
+    minutes to start).
+    """
     kernel, vng = ensure_prerequisites(install=install, log=log)
+    rabbit = None
+    if broker:
+        from thunder_lab.emulation import rabbitmq
+        try:
+            rabbit = rabbitmq.RabbitMQ().start()
+        except rabbitmq.RabbitMQUnavailable as e:
+            raise lab_exception.GuestHarnessError(
+                reason='no broker for the guest: %s' % e)
+    try:
+        return _run(kernel, vng, selection, results_dir, pytest_args,
+                    timeout, memory, cpus, log, rabbit)
+    finally:
+        if rabbit is not None:
+            rabbit.stop()
+
+
+def _run(kernel, vng, selection, results_dir, pytest_args, timeout, memory,
+         cpus, log, rabbit):
     if results_dir is None:
         results_dir = tempfile.mkdtemp(prefix='thunder-guest-')
     results_dir = os.path.realpath(results_dir)
@@ -248,12 +283,16 @@ def run(selection=DEFAULT_SELECTION, results_dir=None, pytest_args=(),
     script = os.path.join(results_dir, 'guest.sh')
     with open(script, 'w') as f:
         # Leave the guest a minute to collect logs and power off.
-        f.write(guest_script(results_dir, selection, pytest_args,
-                             test_timeout=max(60, timeout - 120)))
+        f.write(guest_script(
+            results_dir, selection, pytest_args,
+            test_timeout=max(60, timeout - 120),
+            transport_url=(rabbit.transport_url.replace(
+                '127.0.0.1', HOST_FROM_GUEST) if rabbit else None)))
     os.chmod(script, 0o755)
     argv = [vng, '--run', kernel, '--disable-kvm', '--memory', memory,
             '--cpus', str(cpus), '--cwd', project_root(),
             '--rwdir', results_dir,
+            '--network', 'user',
             '--qemu-opts=-virtfs local,path=/,mount_tag=%s,'
             'security_model=none,readonly=on' % CACHED_SHARE_TAG,
             '--exec', 'bash ' + script]
@@ -304,6 +343,9 @@ def main(argv=None):
     parser.add_argument('--cpus', type=int, default=2)
     parser.add_argument('--no-install', action='store_true',
                         help='fail instead of installing missing packages')
+    parser.add_argument('--no-broker', action='store_true',
+                        help='no RabbitMQ for the guest (the tests that run '
+                             'agents over RPC then fail)')
     parser.epilog = ('Other arguments go to pytest inside the guest; '
                      'put them after "--" if they clash with the above.')
     args, rest = parser.parse_known_args(argv)
@@ -317,7 +359,8 @@ def main(argv=None):
     try:
         result = run(selection, args.results, pytest_args,
                      timeout=args.timeout, memory=args.memory,
-                     cpus=args.cpus, install=not args.no_install)
+                     cpus=args.cpus, install=not args.no_install,
+                     broker=not args.no_broker)
     except lab_exception.GuestHarnessError as e:
         print('guest-run: %s' % e, file=sys.stderr)
         return 2

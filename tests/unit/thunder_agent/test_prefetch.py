@@ -1,7 +1,10 @@
 """Prefetch planning, pacing, yielding and the request pump.
 
 The NBD handle here is a recording stand-in with libnbd's aio interface;
-the real server is exercised in tests/functional/test_prefetch.py.
+the real server is exercised in
+tests/functional/thunder_agent/test_prefetch.py. The block-device target
+reads a real file (O_DIRECT where the file system takes it);
+tests/guest/test_prefetch.py reads a kernel template with it.
 """
 
 import collections
@@ -136,6 +139,10 @@ def test_plan_trace_clips_the_last_block_at_the_image_end():
     size = 100 * KIB
     trace = make_trace([(0.1, 99 * KIB, KIB)], size=size)
     assert prefetch.plan_trace(trace, 64 * KIB) == [(64 * KIB, 36 * KIB)]
+    # Reads past the end ask for nothing there (no empty requests).
+    trace = make_trace([(0.1, 99 * KIB, 200 * KIB), (0.2, 150 * KIB, 10)],
+                       size=size)
+    assert prefetch.plan_trace(trace, 16 * KIB) == [(96 * KIB, 4 * KIB)]
 
 
 def test_plan_trace_covers_the_working_set_exactly():
@@ -378,3 +385,188 @@ def test_status_is_a_copy():
     status['bytes_done'] = 999
     assert engine.status()['bytes_done'] == 0
     assert engine.status()['state'] == 'pending'
+
+
+# -- the block-device target (kernel driver) --
+
+class RecordingReads:
+    """Wraps BlockDeviceHandle._preadv: every read, its bytes checked
+    against the file, and the reads in flight at once."""
+
+    def __init__(self, monkeypatch, content, fail_at=None):
+        import threading
+        self.content = content
+        self.fail_at = fail_at
+        self.reads = []
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        real = prefetch.BlockDeviceHandle._preadv
+
+        def preadv(handle, view, offset):
+            with self.lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight,
+                                         self.in_flight)
+            try:
+                if offset == self.fail_at:
+                    import errno
+                    raise OSError(errno.EIO, 'Input/output error')
+                n = real(handle, view, offset)
+                assert bytes(view[:n]) == content[offset:offset + n]
+                with self.lock:
+                    self.reads.append((offset, n))
+                return n
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+        monkeypatch.setattr(prefetch.BlockDeviceHandle, '_preadv', preadv)
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    import random
+    content = random.Random(7).randbytes(8 * MIB)
+    path = tmp_path / 'image.raw'
+    path.write_bytes(content)
+    return str(path), content
+
+
+def test_block_device_trace_prefetch_reads_every_planned_byte_once(
+        image_file, monkeypatch):
+    path, content = image_file
+    reads = RecordingReads(monkeypatch, content)
+    trace = make_trace([(0.01 * i, (i * 7919 * 4096) % (8 * MIB - 8192),
+                         4096 + i * 512) for i in range(200)])
+    target = prefetch.BlockDevice(path)
+    handles = []
+
+    def connect():
+        handles.append(target.connect())
+        return handles[-1]
+
+    engine = prefetch.TracePrefetcher(target, trace, concurrency=4,
+                                      connect=connect)
+    status = engine.run()
+    assert status['state'] == 'done', status['error']
+    # No NBD_CMD_CACHE on a device: reads, and they went to the disk.
+    assert status['method'] == 'read'
+    assert status['address'] == path
+    assert handles[0].direct
+    assert status['bytes_done'] == status['bytes_total'] == \
+        trace.unique_bytes(64 * KIB)
+    # Each planned range read once, in one piece: nothing twice, nothing
+    # else.
+    assert sorted(reads.reads) == sorted(engine.requests)
+    assert sum(n for _, n in reads.reads) == status['bytes_total']
+    assert trace_mod.merge_extents(reads.reads) == trace.extents(64 * KIB)
+    assert 1 <= reads.max_in_flight <= 4
+    assert handles[0]._closed
+
+
+def test_block_device_full_prefetch_reads_every_planned_byte_once(
+        image_file, monkeypatch):
+    path, content = image_file
+    reads = RecordingReads(monkeypatch, content)
+    skip = [(0, 3 * MIB), (5 * MIB, MIB)]
+    engine = prefetch.FullPrefetcher(prefetch.BlockDevice(path), 8 * MIB,
+                                     rate=1e12, chunk=MIB, concurrency=3,
+                                     skip=skip)
+    status = engine.run()
+    assert status['state'] == 'done', status['error']
+    assert status['bytes_done'] == status['bytes_total'] == 4 * MIB
+    assert sorted(reads.reads) == [(3 * MIB, MIB), (4 * MIB, MIB),
+                                   (6 * MIB, MIB), (7 * MIB, MIB)]
+    assert reads.max_in_flight <= 3
+
+
+def test_block_device_splits_long_requests(image_file, monkeypatch):
+    path, content = image_file
+    reads = RecordingReads(monkeypatch, content)
+    engine = prefetch.FullPrefetcher(
+        prefetch.BlockDevice(path, max_read=256 * KIB), 8 * MIB, rate=1e12,
+        chunk=MIB, concurrency=2, skip=[(0, 6 * MIB)])
+    status = engine.run()
+    assert status['state'] == 'done', status['error']
+    assert (status['requests_done'], status['bytes_done']) == (2, 2 * MIB)
+    # Each MiB as four 256 KiB reads, every byte once.
+    assert sorted(reads.reads) == [(6 * MIB + n * 256 * KIB, 256 * KIB)
+                                   for n in range(8)]
+    for bad in (0, 1000, -4096, True, 4096.0):
+        with pytest.raises(exception.InvalidInput):
+            prefetch.BlockDevice(path, max_read=bad)
+
+
+def test_block_device_reads_widen_unaligned_ranges(image_file,
+                                                   monkeypatch):
+    path, content = image_file
+    reads = RecordingReads(monkeypatch, content)
+    # A trace prefetch with 1 KiB blocks: requests O_DIRECT cannot take.
+    trace = make_trace([(0.1, 5 * KIB, 2 * KIB), (0.2, 8 * MIB - KIB, KIB)])
+    engine = prefetch.TracePrefetcher(prefetch.BlockDevice(path), trace,
+                                      granularity=KIB, max_request=4 * KIB)
+    status = engine.run()
+    assert status['state'] == 'done', status['error']
+    assert engine.requests == [(5 * KIB, 2 * KIB), (8 * MIB - KIB, KIB)]
+    assert status['bytes_done'] == 3 * KIB
+    # Read as the 4 KiB units around them.
+    assert sorted(reads.reads) == [(4 * KIB, 4 * KIB),
+                                   (8 * MIB - 4 * KIB, 4 * KIB)]
+
+
+def test_block_device_read_errors_fail_the_prefetch(image_file,
+                                                    monkeypatch):
+    path, content = image_file
+    RecordingReads(monkeypatch, content, fail_at=2 * MIB)
+    engine = prefetch.FullPrefetcher(prefetch.BlockDevice(path), 8 * MIB,
+                                     rate=1e12, chunk=MIB, concurrency=1)
+    status = engine.run()
+    assert status['state'] == 'failed'
+    assert 'request %d+%d' % (2 * MIB, MIB) in status['error']
+    assert 'Input/output error' in status['error']
+    assert status['bytes_done'] == 2 * MIB
+
+
+def test_block_device_smaller_than_the_trace_is_refused(image_file):
+    path, _ = image_file
+    trace = make_trace([(0.1, 0, 512)], size=16 * MIB)
+    engine = prefetch.TracePrefetcher(prefetch.BlockDevice(path), trace)
+    assert engine.run()['state'] == 'failed'
+    assert 'export has %d bytes' % (8 * MIB) in engine.status()['error']
+
+
+def test_block_device_falls_back_to_buffered_reads(image_file,
+                                                   monkeypatch):
+    import errno
+    import os
+    path, content = image_file
+    real_open = os.open
+
+    def no_direct(name, flags, *args):
+        if name == path and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, 'Invalid argument')
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, 'open', no_direct)
+    reads = RecordingReads(monkeypatch, content)
+    handle = prefetch.BlockDevice(path).connect()
+    engine = prefetch.FullPrefetcher(prefetch.BlockDevice(path), 8 * MIB,
+                                     rate=1e12, chunk=2 * MIB,
+                                     connect=lambda: handle)
+    assert engine.run()['state'] == 'done'
+    assert not handle.direct
+    assert sorted(reads.reads) == prefetch.plan_full(8 * MIB, 2 * MIB)
+
+
+def test_block_device_addresses(tmp_path):
+    with pytest.raises(exception.InvalidInput):
+        prefetch.BlockDevice('dev/mapper/x')
+    with pytest.raises(exception.PrefetchFailed) as info:
+        prefetch.BlockDevice(str(tmp_path / 'missing')).connect()
+    assert 'cannot open' in str(info.value)
+    (tmp_path / 'f').write_bytes(b'\0' * 8192)
+    handle = prefetch.BlockDevice(str(tmp_path / 'f')).connect()
+    assert (handle.get_size(), handle.can_cache()) == (8192, False)
+    assert handle.poll(0) == 0 and handle.aio_peek_command_completed() == 0
+    handle.shutdown()
+    handle.shutdown()

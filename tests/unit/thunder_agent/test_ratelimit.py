@@ -3,16 +3,16 @@
 import pytest
 
 from thunder_agent import exception
-from thunder_agent import privileged
+from thunder_agent.privileged import network as priv_network
 from thunder_agent import ratelimit
 
 
 @pytest.fixture
 def calls(monkeypatch):
     seen = []
-    monkeypatch.setattr(privileged, 'set_relay_rate_limit',
+    monkeypatch.setattr(priv_network, 'set_relay_rate_limit',
                         lambda *a: seen.append(('set',) + a))
-    monkeypatch.setattr(privileged, 'clear_relay_rate_limit',
+    monkeypatch.setattr(priv_network, 'clear_relay_rate_limit',
                         lambda *a: seen.append(('clear',) + a))
     return seen
 
@@ -50,7 +50,7 @@ def test_bad_requests_never_reach_the_daemon(calls, interface, rate, ports):
 def test_daemon_errors_are_typed(monkeypatch):
     def missing(*args):
         raise ValueError('no interface eth7')
-    monkeypatch.setattr(privileged, 'clear_relay_rate_limit', missing)
+    monkeypatch.setattr(priv_network, 'clear_relay_rate_limit', missing)
     with pytest.raises(exception.InvalidInput) as info:
         ratelimit.clear('eth7')
     assert 'eth7' in str(info.value)

@@ -1,9 +1,9 @@
-"""Building blocks of the ``kernel`` backend.
+"""Building blocks of the ``kernel`` driver.
 
 iSCSI sessions (os-brick), device-mapper tables, loop devices, a local
 read cache (bcache, or dm-cache for comparison) and tgt exports. Every
-root operation goes through :mod:`thunder_agent.privileged`; these modules
-turn its (exit code, stdout, stderr) answers into typed errors.
+root operation goes through :mod:`thunder_agent.privileged.kernel`; these
+modules turn its (exit code, stdout, stderr) answers into typed errors.
 """
 
 from thunder_agent import exception

@@ -29,16 +29,17 @@ return the cached block device; files live in the template's directory
 and survive agent restarts and reboots (``assemble`` re-adopts them).
 """
 
-import logging
 import os
 import time
+
+from oslo_log import log as logging
 
 from thunder_agent import exception
 from thunder_agent.drivers.kernel import devmapper
 from thunder_agent.drivers.kernel import dmtables
 from thunder_agent.drivers.kernel import loop
 from thunder_agent.drivers.kernel import sysfs
-from thunder_agent import privileged
+from thunder_agent.privileged import kernel as priv
 
 LOG = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Bcache:
         loop.create_sparse_file(self.sb_file, MIB)
         loop.create_sparse_file(self.cache_file, self.file_size)
         backing, cache_dev = self._attach(source, length)
-        out = privileged.make_bcache(
+        out = priv.make_bcache(
             ['--bucket', str(self.block_size), '--block', '512',
              '-B', backing, '-C', cache_dev])
         if out[0] != 0:
@@ -160,8 +161,8 @@ class Bcache:
         # udev's bcache rule may have registered either device already;
         # bcache then answers EINVAL/EBUSY, so judge by the outcome.
         for dev in (cache_dev, backing):
-            code, _out, err = privileged.write_sysfs('/sys/fs/bcache/register',
-                                                     dev)
+            code, _out, err = priv.write_sysfs('/sys/fs/bcache/register',
+                                               dev)
             if code:
                 LOG.debug('bcache register %s: %s', dev, err)
         device = _wait_for(self.device, self.timeout,
@@ -184,7 +185,7 @@ class Bcache:
             (os.path.join(cset, 'congested_write_threshold_us'), 0),
         ]
         for path, value in settings:
-            code, _out, err = privileged.write_sysfs(path, value)
+            code, _out, err = priv.write_sysfs(path, value)
             if code:
                 raise exception.BackendError(
                     reason='bcache setting %s failed: %s' % (path, err))
@@ -195,11 +196,11 @@ class Bcache:
         cset = self._cache_set()
         bdir = self._backing_sysfs()
         if bdir and os.path.exists(bdir):
-            privileged.write_sysfs(os.path.join(bdir, 'stop'), 1)
+            priv.write_sysfs(os.path.join(bdir, 'stop'), 1)
             _wait_for(lambda: not os.path.exists(bdir), self.timeout,
                       'bcache to release %s' % self.backing_name)
         if cset and os.path.exists('/sys/fs/bcache/' + cset):
-            privileged.write_sysfs('/sys/fs/bcache/%s/stop' % cset, 1)
+            priv.write_sysfs('/sys/fs/bcache/%s/stop' % cset, 1)
             _wait_for(lambda: not os.path.exists('/sys/fs/bcache/' + cset),
                       self.timeout, 'bcache cache set %s to stop' % cset)
         devmapper.remove(self.backing_name)

@@ -4,7 +4,7 @@ import time
 
 from thunder_agent import exception
 from thunder_agent.drivers.kernel import check
-from thunder_agent import privileged
+from thunder_agent.privileged import kernel as priv
 
 MAPPER_DIR = '/dev/mapper/'
 UUID_PREFIX = 'THUNDER-'
@@ -17,7 +17,7 @@ def device_path(name):
 
 
 def exists(name):
-    code, _out, err = privileged.dmsetup(['info', name])
+    code, _out, err = priv.dmsetup(['info', name])
     if code == 0:
         return True
     if any(text in err for text in _NO_DEVICE):
@@ -30,7 +30,7 @@ def create(name, table, readonly=False):
     args = ['create', name, '--uuid', UUID_PREFIX + name]
     if readonly:
         args.append('--readonly')
-    check(privileged.dmsetup(args, stdin=table + '\n'),
+    check(priv.dmsetup(args, stdin=table + '\n'),
           'dmsetup create %s' % name)
     return device_path(name)
 
@@ -41,17 +41,17 @@ def reload(name, table, readonly=False):
     ``--noflush`` keeps I/O that a multipath map queued (no usable path)
     queued across the swap instead of failing it.
     """
-    check(privileged.dmsetup(['suspend', '--noflush', name]),
+    check(priv.dmsetup(['suspend', '--noflush', name]),
           'dmsetup suspend %s' % name)
     try:
         args = ['load', name]
         if readonly:
             args.append('--readonly')
-        check(privileged.dmsetup(args, stdin=table + '\n'),
+        check(priv.dmsetup(args, stdin=table + '\n'),
               'dmsetup load %s' % name)
     finally:
         # Resume in any case: with a failed load the old table comes back.
-        check(privileged.dmsetup(['resume', name]),
+        check(priv.dmsetup(['resume', name]),
               'dmsetup resume %s' % name)
 
 
@@ -60,7 +60,7 @@ def remove(name, timeout=30):
     open for a moment, hence the retries."""
     deadline = time.monotonic() + timeout
     while True:
-        code, _out, err = privileged.dmsetup(['remove', '--retry', name])
+        code, _out, err = priv.dmsetup(['remove', '--retry', name])
         if code == 0 or any(text in err for text in _NO_DEVICE):
             return
         if time.monotonic() >= deadline:
@@ -70,27 +70,11 @@ def remove(name, timeout=30):
 
 
 def status(name):
-    return check(privileged.dmsetup(['status', name]),
+    return check(priv.dmsetup(['status', name]),
                  'dmsetup status %s' % name).strip()
 
 
-def table(name):
-    return check(privileged.dmsetup(['table', name]),
-                 'dmsetup table %s' % name).strip()
-
-
 def open_count(name):
-    out = check(privileged.dmsetup(['info', '-c', '--noheadings', '-o',
-                                    'open', name]), 'dmsetup info %s' % name)
+    out = check(priv.dmsetup(['info', '-c', '--noheadings', '-o', 'open',
+                              name]), 'dmsetup info %s' % name)
     return int(out.strip())
-
-
-def names(prefix=''):
-    """Names of the devices whose name starts with *prefix*."""
-    out = check(privileged.dmsetup(['ls']), 'dmsetup ls')
-    found = []
-    for line in out.splitlines():
-        fields = line.split()
-        if fields and fields[0] != 'No' and fields[0].startswith(prefix):
-            found.append(fields[0])
-    return sorted(found)

@@ -4,7 +4,7 @@ import os
 
 from thunder_agent.drivers.kernel import check
 from thunder_agent.drivers.kernel import sysfs
-from thunder_agent import privileged
+from thunder_agent.privileged import kernel as priv
 
 
 def create_sparse_file(path, size):
@@ -31,13 +31,13 @@ def attach(path, read_only=False):
     args = ['--find', '--show']
     if read_only:
         args.append('--read-only')
-    out = check(privileged.losetup(args + [os.path.realpath(path)]),
+    out = check(priv.losetup(args + [os.path.realpath(path)]),
                 'losetup %s' % path)
     return out.strip()
 
 
 def detach(device):
-    check(privileged.losetup(['--detach', device]),
+    check(priv.losetup(['--detach', device]),
           'losetup --detach %s' % device, ok_codes=(0, 1))
 
 

@@ -34,11 +34,6 @@ def holders(device_path):
                              % block_name(device_path)))
 
 
-def is_read_only(device_path):
-    with open('/sys/class/block/%s/ro' % block_name(device_path)) as f:
-        return f.read().strip() == '1'
-
-
 def iscsi_session_dir(device_path):
     """``/sys/class/iscsi_session/sessionN`` of a SCSI disk, or None."""
     real = os.path.realpath('/sys/class/block/%s/device'

@@ -10,7 +10,7 @@ import re
 
 from thunder_agent import exception
 from thunder_agent.drivers.kernel import check
-from thunder_agent import privileged
+from thunder_agent.privileged import kernel as priv
 
 # LUN 0 of a tgt target is its controller; the template is LUN 1.
 LUN = 1
@@ -61,12 +61,12 @@ class Tgt:
         self.control_port = control_port
 
     def _adm(self, what, *args, ok_codes=(0,)):
-        return check(privileged.tgtadm(
+        return check(priv.tgtadm(
             ['-C', str(self.control_port), '--lld', 'iscsi'] + list(args)),
             'tgtadm %s' % what, ok_codes=ok_codes)
 
     def check_running(self):
-        code, _out, err = privileged.tgtadm(
+        code, _out, err = priv.tgtadm(
             ['-C', str(self.control_port), '--op', 'show', '--mode', 'sys'])
         if code != 0:
             raise exception.BackendError(

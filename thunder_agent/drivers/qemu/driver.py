@@ -1,102 +1,187 @@
-"""The ``qemu`` backend: templates as qemu-storage-daemon block graphs.
+"""The ``qemu`` driver: templates as qemu-storage-daemon block graphs.
 
 Per template, one qemu-storage-daemon (one failure domain, one process to
 restart, its own NBD server) holds::
 
-    export "<image_id>"  (NBD, read-only, unix socket <run_path>/<id>.nbd)
-      copy-on-read filter "template"
-        qcow2 "cache"  (file <state>/templates/<id>/cache.qcow2)
-          backing: format node "origin-<gen>" over protocol "source-<gen>"
-                   (nbd to a parent or the origin server, a file, or iscsi)
+    export "<image_id>"  (NBD, read-only: unix socket <run_path>/<id>.nbd,
+      |                   or TCP on the relay address when it relays)
+    copy-on-read filter "template"
+      qcow2 "cache"  (file <state>/templates/<id>/cache.qcow2)
+        backing: format node "origin" over protocol node "source"
+                 (nbd to the origin server or a parent, a file, or iscsi)
 
 A read that misses the cache is fetched from the source and written into
 the cache (copy-on-read), so every block crosses the source link once.
+A relaying template's "source" node reads the local forwarder of
+:mod:`~thunder_agent.drivers.qemu.upstream`, which points at the current
+parent: re-parenting swaps the forwarder, QEMU's NBD client reconnects and
+the graph never changes.
+
 A snapshot is a qcow2 overlay file whose backing is the template's NBD
 export; the VM's QEMU opens it directly, so VM writes never pass through
 the agent or the template daemon, and the NBD client's reconnect delay
 carries the VM over a template daemon restart.
+
+Every wait is bounded by an option: daemon start and monitor commands by
+``[qemu] start_timeout`` (30 s), qemu-img runs by ``command_timeout``
+(60 s), a new NBD client's connection to its source by ``open_timeout``
+(10 s; never ``reconnect_delay``, 300 s, which would hold the daemon's
+monitor that long on a dead parent), flushes by ``flush_timeout`` (10 s)
+and source probes by ``[relay] parent_probe_timeout`` (2 s).
 """
 
 import contextlib
+import ipaddress
 import json
-import logging
 import os
+import socket
 import subprocess
+import time
 
 import nbd
+from oslo_log import log as logging
+from oslo_utils import excutils
 
 from thunder_agent import exception
 from thunder_agent.drivers import base
 from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent.drivers.qemu import upstream
+from thunder_agent import prefetch
+from thunder_agent import records
 
 LOG = logging.getLogger(__name__)
 
 CACHE_FILE = 'cache.qcow2'
 OVERLAY_FILE = 'overlay.qcow2'
 EXPORT_ID = 'template'
+ORIGIN_KINDS = ('file', 'nbd', 'iscsi')
+# Longest stderr of a failed qemu-img kept in an error.
+_STDERR_TAIL = 500
 
 
-class QemuDriver(base.Backend):
+def run_command(args, timeout, pass_fds=()):
+    """Run *args*; a CompletedProcess, or BackendError after *timeout*."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True,
+                              timeout=timeout, pass_fds=pass_fds,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        # Only the tool and its verb: the rest may name a source.
+        raise exception.BackendError(
+            reason='%s timed out after %s s' % (' '.join(args[:2]), timeout))
+    except FileNotFoundError:
+        raise exception.BackendError(
+            reason='%s is not installed (Debian package qemu-utils)'
+                   % args[0])
+
+
+class _Timeout(Exception):
+    """An NBD step did not finish by its deadline."""
+
+
+class _Refused(Exception):
+    """The NBD server ended the handshake without the export."""
+
+
+class QemuDriver(base.Driver):
+    """Templates as qemu-storage-daemon graphs, snapshots as qcow2 overlays.
+
+    The keyword arguments replace the process boundary in unit tests:
+    *daemon_factory* and *upstream_factory* build
+    :class:`~storage_daemon.StorageDaemon` and
+    :class:`~upstream.Upstream` lookalikes, *runner* runs qemu-img like
+    :func:`run_command`, *nbd_factory* makes libnbd handles and *clock*
+    measures deadlines.
+    """
+
     name = 'qemu'
+    # A parent's NBD handshake costs a round trip, no qemu-img start.
+    ready_poll_interval = 0.05
 
-    def __init__(self, conf):
+    def __init__(self, conf, daemon_factory=None, upstream_factory=None,
+                 runner=None, nbd_factory=None, clock=time.monotonic):
         super().__init__(conf)
         self.run_path = conf.agent.run_path
         self.qemu_img = conf.qemu.qemu_img
         self.reconnect_delay = conf.qemu.reconnect_delay
         self.cluster_size = conf.cache.cluster_size
-        self.relay = conf.relay.enabled
+        self._daemon_factory = daemon_factory or storage_daemon.StorageDaemon
+        self._upstream_factory = upstream_factory or upstream.Upstream
+        self._runner = runner or run_command
+        self._nbd = nbd_factory or nbd.NBD
+        self._clock = clock
 
     def start(self):
         os.makedirs(self.run_path, mode=0o750, exist_ok=True)
 
     # -- helpers ---------------------------------------------------------
     def _daemon(self, image_id):
-        return storage_daemon.StorageDaemon(
+        return self._daemon_factory(
             image_id, self.run_path, self.conf.qemu.storage_daemon,
             self.conf.qemu.start_timeout)
+
+    def _upstream(self, image_id):
+        return self._upstream_factory(image_id, self.run_path)
 
     def _socket(self, image_id):
         return os.path.join(self.run_path, image_id + '.nbd')
 
-    def _export(self, template):
-        if self._relays(template):
-            # The manager assigned the TCP listener (children connect to it).
-            return dict(template.export, driver='nbd',
-                        export=template.image_id, format='raw')
-        return {'driver': 'nbd', 'socket': self._socket(template.image_id),
-                'export': template.image_id, 'format': 'raw'}
-
     @staticmethod
-    def _relays(template):
-        return 'port' in (template.export or {})
+    def _relay_of(template):
+        return template.export.relay if template.export else None
 
-    def _nbd_listener(self, template):
-        if self._relays(template):
-            return {'type': 'inet', 'host': template.export['host'],
-                    'port': str(template.export['port'])}
+    def _local(self, template):
+        relay = self._relay_of(template)
+        if relay is not None:
+            return {'host': relay.host, 'port': relay.port,
+                    'export': template.image_id}
+        return {'socket': self._socket(template.image_id),
+                'export': template.image_id}
+
+    def _export(self, template):
+        return records.Export(self.name, self._local(template),
+                              self._relay_of(template))
+
+    def _reader_local(self, template):
+        """Where readers of the template connect: the recorded export
+        (what running VMs use), else the one a build makes."""
+        if template.export is not None and template.export.local:
+            return dict(template.export.local)
+        return self._local(template)
+
+    def _listener(self, template):
+        relay = self._relay_of(template)
+        if relay is not None:
+            return {'type': 'inet', 'host': relay.host,
+                    'port': str(relay.port)}
         return {'type': 'unix', 'path': self._socket(template.image_id)}
 
-    def _upstream(self, template):
-        return upstream.Upstream(template.image_id, self.run_path)
+    def _forwards(self, template):
+        """True when the template reads through a forwarder: it relays and
+        its source is an NBD server."""
+        return (self._relay_of(template) is not None
+                and template.source.endpoint.driver_volume_type == 'nbd')
 
-    def _graph_source(self, template):
-        """The source the block graph reads: in a relay tree, always the
+    def _ensure_forwarder(self, template):
+        endpoint = template.source.endpoint
+        up = self._upstream(template.image_id)
+        if not up.points_at(endpoint):
+            up.start(endpoint)
+        return up
+
+    def _graph_endpoint(self, template):
+        """The endpoint the block graph reads: for a relaying template the
         local forwarder (which points at the current parent)."""
-        source = (template.sources or [template.origin])[0]
-        if self._relays(template) and source['driver_volume_type'] == 'nbd':
-            up = self._upstream(template)
-            if up.pid is None or up.target() != up.describe(source):
-                up.start(source)
-            return {'driver_volume_type': 'nbd',
-                    'data': {'socket': up.socket,
-                             'export': source['data'].get('export', '')}}
-        return source
+        endpoint = template.source.endpoint
+        if not self._forwards(template):
+            return endpoint
+        up = self._ensure_forwarder(template)
+        return records.Endpoint('nbd', {'socket': up.socket,
+                                        'export': template.image_id})
 
-    def _protocol_options(self, source):
-        """Blockdev options reaching a source (origin or parent)."""
-        kind, data = source['driver_volume_type'], source['data']
+    def _protocol(self, endpoint, probe=False):
+        """Blockdev options of the protocol node reaching *endpoint*."""
+        kind, data = endpoint.driver_volume_type, endpoint.data
         if kind == 'file':
             return {'driver': 'file', 'filename': data['path'],
                     'read-only': True}
@@ -106,107 +191,255 @@ class QemuDriver(base.Backend):
             else:
                 server = {'type': 'inet', 'host': data['host'],
                           'port': str(data['port'])}
-            # open-timeout: a parent that joined the tree a moment ago may
-            # not listen yet.
-            return {'driver': 'nbd', 'server': server,
-                    'export': data.get('export', ''), 'read-only': True,
-                    'reconnect-delay': self.reconnect_delay,
-                    'open-timeout': self.reconnect_delay}
+            opts = {'driver': 'nbd', 'server': server,
+                    'export': data.get('export', ''), 'read-only': True}
+            if not probe:
+                # open-timeout bounds blockdev-add (and so the daemon's
+                # monitor) on a source that died since it was probed;
+                # reconnect-delay is how long reads queue while it
+                # reconnects later.
+                opts['reconnect-delay'] = self.reconnect_delay
+                opts['open-timeout'] = self.conf.qemu.open_timeout
+            return opts
         if kind == 'iscsi':
-            portal = data['target_portal']
-            opts = {'driver': 'iscsi', 'transport': 'tcp', 'portal': portal,
+            opts = {'driver': 'iscsi', 'transport': 'tcp',
+                    'portal': data['target_portal'],
                     'target': data['target_iqn'],
                     'lun': int(data.get('target_lun', 0)),
                     'read-only': True}
             if data.get('auth_method') == 'CHAP':
                 opts['user'] = data['auth_username']
             return opts
-        raise exception.InvalidOrigin(reason='unsupported source %r' % kind)
+        raise exception.BackendError(reason='unsupported source %r' % kind)
 
-    def _secret_objects(self, source, secret_id):
-        data = source['data']
-        if (source['driver_volume_type'] == 'iscsi'
+    @staticmethod
+    def _secret(endpoint):
+        data = endpoint.data
+        if (endpoint.driver_volume_type == 'iscsi'
                 and data.get('auth_method') == 'CHAP'):
-            return [{'qom-type': 'secret', 'id': secret_id,
-                     'data': data['auth_password']}]
-        return []
+            return data['auth_password']
+        return None
 
-    def _run(self, args, timeout=60):
-        try:
-            proc = subprocess.run(args, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise exception.BackendError(reason='%s timed out' % args[:2])
+    def _format_node(self, image_format, node_name, file):
+        opts = {'driver': image_format, 'node-name': node_name,
+                'file': file, 'read-only': True}
+        if image_format == 'qcow2':
+            # Image content is the tenant's: never follow a backing file
+            # its header names.
+            opts['backing'] = None
+        return opts
+
+    def _qemu_img(self, args, pass_fds=()):
+        proc = self._runner([self.qemu_img] + args,
+                            self.conf.qemu.command_timeout, pass_fds)
+        if proc.returncode != 0:
+            raise exception.BackendError(
+                reason='qemu-img %s failed: %s'
+                       % (args[0], proc.stderr.strip()[-_STDERR_TAIL:]))
         return proc
 
-    # -- origin ----------------------------------------------------------
-    def probe_origin(self, origin, image_format):
+    # -- transport -------------------------------------------------------
+    def check_origin(self, origin):
+        kind = origin.driver_volume_type
+        if kind not in ORIGIN_KINDS:
+            raise exception.InvalidOrigin(
+                reason='the qemu driver reads %s origins, not %r'
+                       % (', '.join(ORIGIN_KINDS), kind))
+        if kind == 'iscsi':
+            method = origin.data.get('auth_method')
+            if method not in (None, '', 'CHAP'):
+                raise exception.InvalidOrigin(
+                    reason='QEMU\'s iscsi driver knows CHAP only, not %r'
+                           % (method,))
+            if method == 'CHAP' and not (origin.data.get('auth_username')
+                                         and origin.data.get(
+                                             'auth_password')):
+                raise exception.InvalidOrigin(
+                    reason='a CHAP origin needs auth_username and '
+                           'auth_password')
+
+    def can_relay(self, image_id, origin):
+        """Only NBD origins relay (children read the parent's NBD export
+        under the same name), and only those exporting the image under
+        its id: the forwarder swaps servers under a graph whose export
+        name never changes."""
+        if origin.driver_volume_type != 'nbd':
+            return False
+        export = origin.data.get('export')
+        if export != image_id:
+            raise exception.InvalidOrigin(
+                reason='in a relay tree the origin must export the image '
+                       'under its id %s (it exports %r)' % (image_id, export))
+        try:
+            upstream.describe(origin)
+        except exception.BackendError as e:
+            raise exception.InvalidOrigin(reason=e.kwargs.get('reason'))
+        return True
+
+    def relay_address(self, image_id, taken):
+        """A port of ``[relay] port_min..port_max`` that no other template
+        has and that nothing else listens on now."""
+        host = self.conf.relay.listen_address
+        try:
+            family = (socket.AF_INET6 if ipaddress.ip_address(host).version
+                      == 6 else socket.AF_INET)
+        except ValueError:
+            raise exception.BackendError(
+                reason='[relay] listen_address %r must be an IP address '
+                       'for the qemu driver' % (host,))
+        used = {address.port for address in taken}
+        for port in range(self.conf.relay.port_min,
+                          self.conf.relay.port_max + 1):
+            if port in used:
+                continue
+            try:
+                with socket.socket(family) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, port))
+            except OSError:
+                continue
+            return records.RelayAddress(host, port, image_id)
+        raise exception.BackendError(
+            reason='no free relay port in %d-%d on %s'
+                   % (self.conf.relay.port_min, self.conf.relay.port_max,
+                      host))
+
+    def parent_source(self, node, address, image_id):
+        # A parent exports the image under its id (relay_address); the
+        # name is taken from here, not from the other node.
+        return records.Source(node, records.Endpoint(
+            'nbd', {'host': address.host, 'port': address.port,
+                    'export': image_id}))
+
+    def probe_source(self, source, image_format):
+        """``qemu-img info`` of the source through *image_format*.
+
+        A qcow2 source with a backing file or an external data file is
+        refused: its header would make QEMU open files the image names.
+        """
+        endpoint = source.endpoint
+        label = endpoint.data.get('export') or source.node
         opts = {'driver': image_format,
-                'file': self._protocol_options(origin)}
-        args = [self.qemu_img, 'info', '--output=json', '-U']
-        for obj in self._secret_objects(origin, 'probe-secret'):
-            args += ['--object', 'secret,id=%s,data=%s'
-                     % (obj['id'], obj['data'])]
-            opts['file']['password-secret'] = obj['id']
-        for key in ('reconnect-delay', 'open-timeout'):
-            opts['file'].pop(key, None)
-        args.append('json:' + json.dumps(opts))
-        proc = self._run(args, timeout=60)
-        if proc.returncode != 0:
+                'file': self._protocol(endpoint, probe=True)}
+        if image_format == 'qcow2':
+            opts['backing'] = None
+        args = ['info', '--output=json', '-U']
+        secret = self._secret(endpoint)
+        with _secret_pipe(secret) as fd:
+            if fd is not None:
+                # The password reaches qemu-img through a pipe, never its
+                # command line.
+                args += ['--object', 'secret,id=probe-secret,file=/dev/fd/%d'
+                         % fd]
+                opts['file']['password-secret'] = 'probe-secret'
+            args.append('json:' + json.dumps(opts))
+            try:
+                proc = self._qemu_img(args,
+                                      pass_fds=(fd,) if fd is not None
+                                      else ())
+            except exception.BackendError as e:
+                raise exception.OriginUnavailable(
+                    image_id=label, reason=e.kwargs.get('reason'))
+        try:
+            info = json.loads(proc.stdout)
+            size = int(info['virtual-size'])
+        except (ValueError, KeyError, TypeError):
             raise exception.OriginUnavailable(
-                image_id=origin['data'].get('export', '?'),
-                reason=proc.stderr.strip() or 'qemu-img info failed')
-        info = json.loads(proc.stdout)
+                image_id=label, reason='qemu-img info said %r'
+                                       % proc.stdout[:200])
         if info.get('format') != image_format:
             raise exception.OriginUnavailable(
-                image_id='?', reason='origin is %s, not %s'
+                image_id=label, reason='it is %s, not %s'
                 % (info.get('format'), image_format))
-        return base.OriginInfo(size=int(info['virtual-size']),
-                               image_format=image_format)
+        specific = (info.get('format-specific') or {}).get('data') or {}
+        if info.get('backing-filename') or specific.get('data-file'):
+            raise exception.OriginUnavailable(
+                image_id=label, reason='the image names a backing or data '
+                                       'file')
+        return base.OriginInfo(size=size, image_format=image_format)
+
+    def _nbd_connect(self, data, deadline):
+        """A libnbd handle connected to the NBD export *data* by
+        *deadline*; nbd.Error, _Refused or _Timeout otherwise."""
+        handle = self._nbd()
+        handle.set_export_name(data.get('export', ''))
+        if 'socket' in data:
+            handle.aio_connect_unix(data['socket'])
+        else:
+            handle.aio_connect_tcp(data['host'], str(data['port']))
+        self._nbd_wait(handle, lambda: not handle.aio_is_connecting(),
+                       deadline)
+        if not handle.aio_is_ready():
+            raise _Refused()
+        return handle
+
+    def _nbd_wait(self, handle, done, deadline):
+        while not done():
+            left = deadline - self._clock()
+            if left <= 0:
+                raise _Timeout()
+            handle.poll(max(1, int(min(left, 1.0) * 1000)))
+
+    def source_ready(self, source):
+        """For NBD, the server negotiates the export (a handshake, no
+        data), within ``[relay] parent_probe_timeout``."""
+        endpoint = source.endpoint
+        if endpoint.driver_volume_type != 'nbd':
+            return self.source_answers(
+                source, self.conf.relay.parent_probe_timeout)
+        deadline = self._clock() + self.conf.relay.parent_probe_timeout
+        try:
+            handle = self._nbd_connect(endpoint.data, deadline)
+            return handle.get_size() > 0
+        except (nbd.Error, _Refused, _Timeout):
+            return False
+
+    def source_answers(self, source, timeout):
+        endpoint = source.endpoint
+        data = endpoint.data
+        try:
+            if endpoint.driver_volume_type == 'file':
+                return os.access(data['path'], os.R_OK)
+            if 'socket' in data:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(timeout)
+                    s.connect(data['socket'])
+                return True
+            if endpoint.driver_volume_type == 'iscsi':
+                host, _, port = data['target_portal'].rpartition(':')
+                address = (host.strip('[]'), int(port))
+            else:
+                address = (data['host'], int(data['port']))
+            with socket.create_connection(address, timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            return False
 
     # -- templates -------------------------------------------------------
     def create_template(self, template, template_dir):
-        cache = os.path.join(template_dir, CACHE_FILE)
-        if not os.path.exists(cache):
-            proc = self._run([self.qemu_img, 'create', '-q', '-f', 'qcow2',
-                              '-o', 'cluster_size=%d' % self.cluster_size,
-                              cache, str(template.size)])
-            if proc.returncode != 0:
-                raise exception.BackendError(reason=proc.stderr.strip())
-        daemon = self._daemon(template.image_id)
-        daemon.start(nbd_server=self._nbd_listener(template))
-        try:
-            self._build_graph(daemon, template, cache)
-        except Exception:
-            daemon.stop()
-            raise
-        return self._export(template)
+        state = dict(template.driver_state)
+        state.update(hit_base=0, hit_last=0)
+        return self._build(template, template_dir, state)
 
-    def _source_nodes(self, template, source, generation):
-        """QMP calls adding protocol+format nodes for the source."""
+    def _graph(self, template, cache, endpoint):
+        """QMP calls building the template's graph over *endpoint*."""
         calls = []
-        proto = dict(self._protocol_options(source),
-                     **{'node-name': 'source-%d' % generation})
-        for obj in self._secret_objects(source, 'secret-%d' % generation):
-            calls.append(('object-add', obj))
-            proto['password-secret'] = obj['id']
-        calls.append(('blockdev-add', proto))
-        calls.append(('blockdev-add', {
-            'driver': template.image_format,
-            'node-name': 'origin-%d' % generation,
-            'file': 'source-%d' % generation, 'read-only': True}))
-        return calls
-
-    def _build_graph(self, daemon, template, cache):
-        generation = template.counters.get('source_generation', 0)
-        calls = self._source_nodes(template, self._graph_source(template),
-                                   generation)
+        source = dict(self._protocol(endpoint), **{'node-name': 'source'})
+        secret = self._secret(endpoint)
+        if secret is not None:
+            # Over QMP, not on a command line.
+            calls.append(('object-add', {'qom-type': 'secret',
+                                         'id': 'source-secret',
+                                         'data': secret}))
+            source['password-secret'] = 'source-secret'
         calls += [
+            ('blockdev-add', source),
+            ('blockdev-add', self._format_node(template.image_format,
+                                               'origin', 'source')),
             ('blockdev-add', {'driver': 'file', 'node-name': 'cache-file',
                               'filename': cache}),
             ('blockdev-add', {'driver': 'qcow2', 'node-name': 'cache',
-                              'file': 'cache-file',
-                              'backing': 'origin-%d' % generation}),
+                              'file': 'cache-file', 'backing': 'origin'}),
             ('blockdev-add', {'driver': 'copy-on-read',
                               'node-name': 'template', 'file': 'cache'}),
             ('block-export-add', {'type': 'nbd', 'id': EXPORT_ID,
@@ -214,27 +447,72 @@ class QemuDriver(base.Backend):
                                   'name': template.image_id,
                                   'writable': False}),
         ]
-        daemon.commands(*calls)
+        return calls
+
+    def _build(self, template, template_dir, state):
+        """Start the daemon and build the graph over the cache in
+        *template_dir* (made when missing); *state* becomes the new
+        driver_state."""
+        if self._relay_of(template) is not None and (
+                template.image_format != 'raw'):
+            # Children read this template's raw export through the same
+            # format node after a re-parent.
+            raise exception.BackendError(
+                reason='a relaying template reads raw sources, not %s'
+                       % template.image_format)
+        cache = os.path.join(template_dir, CACHE_FILE)
+        fresh = not os.path.exists(cache)
+        if fresh:
+            self._qemu_img(['create', '-q', '-f', 'qcow2', '-o',
+                            'cluster_size=%d' % self.cluster_size, cache,
+                            str(template.size)])
+            state['cluster_size'] = self.cluster_size
+        # What the cache held when this daemon started: the origin file
+        # reads it makes from here on are fetches, not hits.
+        state['fetch_base'] = 0 if fresh else self._fetched(cache)
+        daemon = self._daemon(template.image_id)
+        # A daemon left by a build that never finished holds the names.
+        daemon.stop()
+        try:
+            daemon.start(nbd_server=self._listener(template))
+            daemon.commands(*self._graph(
+                template, cache, self._graph_endpoint(template)))
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                LOG.error('Template %s: building its graph failed: %s',
+                          template.image_id, daemon.log_tail())
+                daemon.stop()
+                self._upstream(template.image_id).stop()
+        LOG.info('Template %s serves at %s', template.image_id,
+                 self._local(template))
+        return base.TemplateBuild(export=self._export(template),
+                                  driver_state=state)
 
     def ensure_template(self, template, template_dir):
         daemon = self._daemon(template.image_id)
-        # A dead forwarder is restarted in place; the template daemon's NBD
-        # client reconnects to it by itself.
-        self._graph_source(template)
         if daemon.is_running():
             try:
                 exports = daemon.command('query-block-exports')
-            except exception.BackendError:
+            except exception.BackendError as e:
+                LOG.warning('Template %s: %s', template.image_id, e)
                 exports = []
-            if any(e['id'] == EXPORT_ID for e in exports):
+            if any(e.get('id') == EXPORT_ID for e in exports):
+                # A dead forwarder is restarted in place; the daemon's NBD
+                # client reconnects to it by itself.
+                if self._forwards(template):
+                    self._ensure_forwarder(template)
                 LOG.info('Re-adopted running template %s', template.image_id)
-                return self._export(template)
+                return base.TemplateBuild(export=self._export(template))
             LOG.warning('Template daemon %s is incomplete; rebuilding',
                         template.image_id)
             daemon.stop()
         LOG.info('Rebuilding template %s from its cache', template.image_id)
-        self._account_restart(template)
-        return self.create_template(template, template_dir)
+        state = dict(template.driver_state)
+        # The cache-hit bytes of a daemon that is gone go into the base.
+        state['hit_base'] = (state.get('hit_base', 0)
+                             + state.get('hit_last', 0))
+        state['hit_last'] = 0
+        return self._build(template, template_dir, state)
 
     def set_sources(self, template, template_dir, sources):
         """Point the template at another parent: swap the forwarder.
@@ -242,92 +520,120 @@ class QemuDriver(base.Backend):
         NBD has no multipath; the first source is used (the coordinator
         lists parents in preference order).
         """
-        if not self._relays(template):
+        if self._relay_of(template) is None:
             raise exception.BackendError(
                 reason='template %s does not take part in a relay tree'
                        % template.image_id)
-        template.sources = list(sources[:1])
-        self._graph_source(template)
+        if not sources:
+            raise exception.BackendError(
+                reason='template %s: no source given' % template.image_id)
+        endpoint = sources[0].endpoint
+        if (endpoint.driver_volume_type != 'nbd'
+                or endpoint.data.get('export') != template.image_id):
+            raise exception.BackendError(
+                reason='template %s reads NBD exports named %s only'
+                       % (template.image_id, template.image_id))
+        up = self._upstream(template.image_id)
+        if not up.points_at(endpoint):
+            up.start(endpoint)
+        return None
 
     def delete_template(self, template, template_dir):
-        self._daemon(template.image_id).stop()
-        self._upstream(template).stop()
+        daemon = self._daemon(template.image_id)
+        daemon.stop()
+        daemon.remove_log()
+        up = self._upstream(template.image_id)
+        up.stop()
+        up.remove_log()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._socket(template.image_id))
 
     def is_healthy(self, template, template_dir):
         if not self._daemon(template.image_id).is_running():
             return False
-        if self._relays(template) and (template.sources or [template.origin]
-                                       )[0]['driver_volume_type'] == 'nbd':
-            return self._upstream(template).pid is not None
+        if self._forwards(template):
+            return self._upstream(template.image_id).points_at(
+                template.source.endpoint)
         return True
 
     def flush_template(self, template, template_dir):
-        """Flush the cache's metadata to disk through the export.
+        """Flush the cache's metadata to disk through the export, within
+        ``[qemu] flush_timeout``.
 
         Copy-on-read fills are written to the cache like any write; their
         qcow2 mappings reach the disk on a flush. An NBD flush on the
         (read-only) export flushes the whole graph below it.
         """
-        handle = nbd.NBD()
+        timeout = self.conf.qemu.flush_timeout
+        deadline = self._clock() + timeout
+        handle = error = None
         try:
-            handle.set_export_name(template.image_id)
-            if self._relays(template):
-                handle.connect_tcp(template.export['host'],
-                                   str(template.export['port']))
-            else:
-                handle.connect_unix(self._socket(template.image_id))
-            handle.flush()
-            handle.shutdown()
+            handle = self._nbd_connect(self._reader_local(template),
+                                       deadline)
+            cookie = handle.aio_flush()
+            self._nbd_wait(handle,
+                           lambda: handle.aio_command_completed(cookie),
+                           deadline)
         except nbd.Error as e:
+            error = 'failed: %s' % e
+        except _Refused:
+            error = 'failed: its export is gone'
+        except _Timeout:
+            error = 'did not finish within %s s' % timeout
+        # Dropping the handle closes the connection (a hung daemon keeps
+        # no client of ours).
+        handle = None
+        if error is not None:
             raise exception.BackendError(
-                reason='flush of template %s failed: %s'
-                       % (template.image_id, e))
-        finally:
-            del handle
+                reason='flush of template %s %s' % (template.image_id,
+                                                    error))
 
-    def _cache_map(self, cache):
-        proc = self._run([self.qemu_img, 'map', '--output=json', '-U',
-                          '-f', 'qcow2', cache])
-        if proc.returncode != 0:
-            raise exception.BackendError(reason=proc.stderr.strip())
-        return json.loads(proc.stdout)
-
-    def _account_restart(self, template):
-        # Carry the cache-hit bytes of a daemon that is gone into the base.
-        counters = template.counters
-        counters['hit_base'] = (counters.get('hit_base', 0)
-                                + counters.get('hit_last', 0))
-        counters['hit_last'] = 0
+    def _fetched(self, cache):
+        """Bytes present in the cache file (qemu-img map)."""
+        proc = self._qemu_img(['map', '--output=json', '-U', '-f', 'qcow2',
+                               cache])
+        try:
+            extents = json.loads(proc.stdout)
+        except ValueError:
+            raise exception.BackendError(
+                reason='qemu-img map said %r' % proc.stdout[:200])
+        # The cache has no backing in its header: what is present is in
+        # the file.
+        return sum(e['length'] for e in extents
+                   if e.get('present') and e.get('depth', 0) == 0)
 
     def template_stats(self, template, template_dir):
         cache = os.path.join(template_dir, CACHE_FILE)
         daemon = self._daemon(template.image_id)
         if daemon.is_running():
-            with contextlib.suppress(exception.BackendError):
+            try:
                 self.flush_template(template, template_dir)
-        extents = self._cache_map(cache)
+            except exception.BackendError as e:
+                LOG.warning('Stats of template %s may miss recent fills: '
+                            '%s', template.image_id, e)
         # Copy-on-read is the only writer of the cache, so every byte in
         # it was fetched from a source exactly once.
-        fetched = sum(e['length'] for e in extents
-                      if e.get('present') and e.get('depth', 0) == 0)
-        # A read is served either by a fetch (network, counted above) or
-        # from the cache file. The daemon's rchar counts exactly the file
-        # reads (socket reads are recvmsg and do not count), so it is the
-        # cache-hit volume, plus a little qcow2 metadata.
-        counters = template.counters
+        fetched = self._fetched(cache)
+        # A read is served either by a fetch (counted above) or from the
+        # cache file. The daemon's rchar counts exactly its file reads
+        # (socket reads are recvmsg and do not count), so it is the
+        # cache-hit volume plus a little qcow2 metadata, and for a file
+        # source also the fetches this daemon made.
+        state = dict(template.driver_state)
         io = daemon.io_counters()
         if io is not None:
-            counters['hit_last'] = io['rchar']
-        hits = counters.get('hit_base', 0) + counters.get('hit_last', 0)
-        return base.TemplateStats(
-            bytes_fetched=fetched,
-            bytes_served=fetched + hits,
-            cached_bytes=fetched,
-            blocks_cached=fetched // self.cluster_size,
-            block_size=self.cluster_size,
-            disk_bytes=os.stat(cache).st_blocks * 512)
+            hits = io.get('rchar', 0)
+            if template.source.endpoint.driver_volume_type == 'file':
+                hits -= fetched - state.get('fetch_base', 0)
+            state['hit_last'] = max(0, hits)
+        hits = state.get('hit_base', 0) + state.get('hit_last', 0)
+        block = state.get('cluster_size', self.cluster_size)
+        stats = base.TemplateStats(
+            bytes_fetched=fetched, bytes_served=fetched + hits,
+            cached_bytes=fetched, blocks_cached=fetched // block,
+            block_size=block, disk_bytes=self.disk_usage(template,
+                                                         template_dir))
+        return stats, (state if state != template.driver_state else None)
 
     def disk_usage(self, template, template_dir):
         try:
@@ -336,47 +642,118 @@ class QemuDriver(base.Backend):
         except FileNotFoundError:
             return 0
 
+    def prefetch_target(self, template, template_dir):
+        return prefetch.NbdAddress(**self._reader_local(template))
+
     # -- snapshots -------------------------------------------------------
     def _connection_info(self, template, instance_id, snapshot_dir):
+        """What nova_thunder's libvirt volume driver reads: the overlay
+        and its NBD backing (a socket, or host and port)."""
         return {'driver_volume_type': 'thunder',
                 'data': {'backend': self.name,
                          'image_id': template.image_id,
                          'instance_id': instance_id,
                          'path': os.path.join(snapshot_dir, OVERLAY_FILE),
                          'format': 'qcow2',
-                         'backing': dict(
-                             self._export(template),
-                             reconnect_delay=self.reconnect_delay)}}
+                         'backing': dict(self._reader_local(template),
+                                         driver='nbd', format='raw',
+                                         reconnect_delay=(
+                                             self.reconnect_delay))}}
 
-    def backing_filename(self, template):
-        server = self._nbd_listener(template)
+    def _backing_filename(self, template):
+        local = self._reader_local(template)
+        if 'socket' in local:
+            server = {'type': 'unix', 'path': local['socket']}
+        else:
+            server = {'type': 'inet', 'host': local['host'],
+                      'port': str(local['port'])}
         return 'json:' + json.dumps({'driver': 'raw', 'file': {
-            'driver': 'nbd', 'server': server,
-            'export': template.image_id,
+            'driver': 'nbd', 'server': server, 'export': local['export'],
             'reconnect-delay': self.reconnect_delay}})
 
     def create_snapshot(self, template, template_dir, instance_id,
                         snapshot_dir):
         overlay = os.path.join(snapshot_dir, OVERLAY_FILE)
-        proc = self._run([self.qemu_img, 'create', '-q', '-f', 'qcow2',
-                          '-F', 'raw', '-b', self.backing_filename(template),
-                          '-o', 'cluster_size=%d' % self.cluster_size,
-                          overlay, str(template.size)])
-        if proc.returncode != 0:
-            raise exception.BackendError(reason=proc.stderr.strip())
+        try:
+            self._qemu_img(['create', '-q', '-f', 'qcow2', '-F', 'raw',
+                            '-b', self._backing_filename(template), '-o',
+                            'cluster_size=%d' % self.cluster_size, overlay,
+                            str(template.size)])
+        except exception.BackendError:
+            with excutils.save_and_reraise_exception():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(overlay)
         return self._connection_info(template, instance_id, snapshot_dir)
 
     def ensure_snapshot(self, template, template_dir, snapshot,
                         snapshot_dir):
-        overlay = os.path.join(snapshot_dir, OVERLAY_FILE)
-        if not os.path.exists(overlay):
+        if not os.path.exists(os.path.join(snapshot_dir, OVERLAY_FILE)):
             raise exception.BackendError(
                 reason='overlay of instance %s is missing'
                        % snapshot.instance_id)
         return self._connection_info(template, snapshot.instance_id,
                                      snapshot_dir)
 
+    def snapshot_users(self, template, snapshot, snapshot_dir):
+        """The processes holding the overlay open (a VM's QEMU, a
+        qemu-img), from /proc/*/fd: the agent runs as root."""
+        overlay = os.path.realpath(os.path.join(snapshot_dir, OVERLAY_FILE))
+        users = processes_holding(overlay)
+        if not users:
+            return None
+        return '%s %s ha%s the overlay %s open' % (
+            'process' if len(users) == 1 else 'processes',
+            ', '.join('%d (%s)' % user for user in users),
+            's' if len(users) == 1 else 've', overlay)
+
     def delete_snapshot(self, template, template_dir, snapshot,
                         snapshot_dir):
+        reason = self.snapshot_users(template, snapshot, snapshot_dir)
+        if reason:
+            raise exception.SnapshotInUse(instance_id=snapshot.instance_id,
+                                          reason=reason)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(snapshot_dir, OVERLAY_FILE))
+
+
+@contextlib.contextmanager
+def _secret_pipe(secret):
+    """The read end of a pipe holding *secret* (None without one), for a
+    child's ``secret,file=/dev/fd/N`` object."""
+    if secret is None:
+        yield None
+        return
+    read, write = os.pipe()
+    try:
+        with os.fdopen(write, 'w') as f:
+            f.write(secret)
+        yield read
+    finally:
+        os.close(read)
+
+
+def processes_holding(path):
+    """``[(pid, command name)]`` of the processes with *path* open."""
+    users = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        fd_dir = '/proc/%s/fd' % name
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target == path:
+                try:
+                    with open('/proc/%s/comm' % name) as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = '?'
+                users.append((int(name), comm))
+                break
+    return sorted(users)

@@ -4,30 +4,45 @@ The daemon is started with ``--daemonize`` so that it is not a child of the
 agent: the data plane keeps serving while the agent restarts. Its pid file
 and sockets live under the run directory; a later agent finds and re-adopts
 it from there.
+
+Every wait has a deadline: the start (``--daemonize`` returns once the
+command line's block graph and exports are up) and every monitor step,
+connecting and reading the greeting included, are bounded by
+*start_timeout* (``[qemu] start_timeout``, 30 s by default). qemu.qmp's
+synchronous shim waits for the greeting without a deadline, so a stopped
+or wedged daemon would hold the caller for ever; this module drives the
+asynchronous :class:`qemu.qmp.QMPClient` on a private event loop instead.
 """
 
+import asyncio
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
 import subprocess
 import time
 
-from pyroute2 import netns as pyroute2_netns
-
-from qemu.qmp import legacy as qmp_legacy
+from oslo_log import log as logging
 from qemu.qmp import ExecuteError
+from qemu.qmp import QMPClient
+from qemu.qmp import QMPError
 
 from thunder_agent import exception
 
 LOG = logging.getLogger(__name__)
 
+# Unix socket paths are limited to 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
 
-def listening_socket(host, port, netns=None, backlog=128):
-    """A TCP socket listening on *host*:*port* with TCP_NODELAY set, made in
-    network namespace *netns* when given."""
+
+def listening_socket(host, port, backlog=128):
+    """A TCP socket listening on numeric *host*:*port* with TCP_NODELAY
+    set, for a daemon to inherit (see :meth:`StorageDaemon.start`).
+
+    It is made in the caller's network namespace: a process that must
+    listen inside another one runs there (``ip netns exec``).
+    """
     try:
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM,
@@ -35,11 +50,7 @@ def listening_socket(host, port, netns=None, backlog=128):
     except socket.gaierror as exc:
         raise exception.BackendError(
             reason='cannot listen on %s:%s: %s' % (host, port, exc))
-    if netns:
-        sock = pyroute2_netns.create_socket(
-            netns, family, socket.SOCK_STREAM, flags=0)
-    else:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -52,24 +63,84 @@ def listening_socket(host, port, netns=None, backlog=128):
     return sock
 
 
+class _QMPClient(QMPClient):
+    """qemu.qmp logs every message at DEBUG; a secret object's data (an
+    iSCSI CHAP password) is masked there."""
+
+    def _cb_outbound(self, msg):
+        args = msg.get('arguments') or {}
+        if msg.get('execute') == 'object-add' and 'data' in args:
+            shown = dict(msg, arguments=dict(args, data='***'))
+            self.logger.debug('--> %s', json.dumps(shown))
+            return msg
+        return super()._cb_outbound(msg)
+
+
+class Monitor:
+    """One QMP connection; every step is bounded by *timeout* seconds."""
+
+    def __init__(self, path, name, timeout):
+        self.path = path
+        self.name = name
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._qmp = _QMPClient(name)
+
+    def _run(self, coro):
+        return self._loop.run_until_complete(
+            asyncio.wait_for(coro, self.timeout))
+
+    def connect(self):
+        try:
+            self._run(self._qmp.connect(self.path))
+        except (QMPError, OSError, asyncio.TimeoutError) as e:
+            self.close()
+            raise exception.BackendError(
+                reason='cannot reach QMP of %s: %s'
+                       % (self.name, str(e) or type(e).__name__))
+        return self
+
+    def cmd(self, name, /, **args):
+        try:
+            return self._run(self._qmp.execute(name, args or None))
+        except ExecuteError as e:
+            raise exception.BackendError(
+                reason='%s on %s: %s' % (name, self.name, e))
+        except asyncio.TimeoutError:
+            raise exception.BackendError(
+                reason='%s on %s: no answer within %s s'
+                       % (name, self.name, self.timeout))
+        except (QMPError, OSError) as e:
+            raise exception.BackendError(
+                reason='%s on %s: %s' % (name, self.name,
+                                         str(e) or type(e).__name__))
+
+    def close(self):
+        if self._loop.is_closed():
+            return
+        # The daemon may have gone (quit) or wedged: neither is an error of
+        # the commands that were answered.
+        with contextlib.suppress(QMPError, OSError, EOFError,
+                                 asyncio.TimeoutError):
+            self._run(self._qmp.disconnect())
+        self._loop.close()
+
+
 class StorageDaemon:
     """A qemu-storage-daemon identified by *name* under *run_path*."""
 
     def __init__(self, name, run_path, executable='qemu-storage-daemon',
-                 start_timeout=30, netns=None):
+                 start_timeout=30):
         self.name = name
-        # Run inside this network namespace (test clusters, origins).
-        self.netns = netns
         self.executable = executable
         self.start_timeout = start_timeout
         self.qmp_path = os.path.join(run_path, name + '.qmp')
         self.pid_path = os.path.join(run_path, name + '.pid')
         self.log_path = os.path.join(run_path, name + '.log')
-        for path in (self.qmp_path,):
-            if len(path.encode()) > 107:
-                raise exception.BackendError(
-                    reason='socket path %s is too long; use a shorter '
-                           '[agent] run_path' % path)
+        if len(self.qmp_path.encode()) > MAX_SOCKET_PATH:
+            raise exception.BackendError(
+                reason='socket path %s is too long; use a shorter '
+                       '[agent] run_path' % self.qmp_path)
 
     # -- process ---------------------------------------------------------
     @property
@@ -114,20 +185,29 @@ class StorageDaemon:
             # TCP_NODELAY from the listener, so the daemon gets a
             # listening socket made here.
             listener = listening_socket(nbd_server['host'],
-                                        int(nbd_server['port']), self.netns)
+                                        int(nbd_server['port']))
             nbd_server = {'type': 'fd', 'str': str(listener.fileno())}
         if nbd_server is not None:
             cmd += ['--nbd-server', json.dumps({'addr': nbd_server})]
         cmd += list(extra_args)
-        if self.netns:
-            cmd = ['ip', 'netns', 'exec', self.netns] + cmd
-        LOG.debug('Starting %s', ' '.join(cmd))
+        LOG.debug('Starting qemu-storage-daemon %s', self.name)
         try:
             with open(self.log_path, 'ab') as log:
                 proc = subprocess.run(
                     cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     timeout=self.start_timeout,
                     pass_fds=(listener.fileno(),) if listener else ())
+        except subprocess.TimeoutExpired:
+            # The foreground half never reported; a daemonized half may
+            # have written its pid file.
+            self.stop()
+            raise exception.BackendError(
+                reason='qemu-storage-daemon %s did not start within %s s: %s'
+                       % (self.name, self.start_timeout, self.log_tail()))
+        except FileNotFoundError:
+            raise exception.BackendError(
+                reason='%s is not installed (Debian package qemu-system-'
+                       'common)' % self.executable)
         finally:
             if listener is not None:
                 listener.close()
@@ -150,7 +230,7 @@ class StorageDaemon:
         pid = self.pid
         if pid is None:
             return
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(exception.BackendError):
             self.command('quit')
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._alive(pid):
@@ -164,6 +244,10 @@ class StorageDaemon:
         for path in (self.pid_path, self.qmp_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def remove_log(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log_path)
 
     @staticmethod
     def _alive(pid):
@@ -188,31 +272,18 @@ class StorageDaemon:
 
     # -- QMP -------------------------------------------------------------
     @contextlib.contextmanager
-    def monitor(self, timeout=30):
-        qmp = qmp_legacy.QEMUMonitorProtocol(self.qmp_path)
-        try:
-            qmp.connect()
-        except Exception as e:
-            raise exception.BackendError(
-                reason='cannot reach QMP of %s: %s' % (self.name, e))
-        qmp.settimeout(timeout)
+    def monitor(self):
+        qmp = Monitor(self.qmp_path, self.name, self.start_timeout).connect()
         try:
             yield qmp
         finally:
             qmp.close()
 
-    def command(self, name, **args):
+    def command(self, name, /, **args):
         with self.monitor() as qmp:
-            return self._execute(qmp, name, args)
+            return qmp.cmd(name, **args)
 
     def commands(self, *calls):
         """Run (name, args) pairs on one QMP connection, in order."""
         with self.monitor() as qmp:
-            return [self._execute(qmp, name, args) for name, args in calls]
-
-    def _execute(self, qmp, name, args):
-        try:
-            return qmp.cmd(name, **args)
-        except ExecuteError as e:
-            raise exception.BackendError(
-                reason='%s on %s: %s' % (name, self.name, e))
+            return [qmp.cmd(name, **args) for name, args in calls]

@@ -40,12 +40,26 @@ def heartbeat_all(mgr, exclude=()):
 
 def test_join_answers_parents_with_addresses_and_depth(mgr):
     first = fx.join(mgr, 'h1')
-    assert first == {'parents': [fx.ORIGIN_INFO], 'depth': 1}
+    assert first == {'parents': [fx.ORIGIN_INFO], 'depth': 1,
+                     'children': []}
     fx.join(mgr, 'h2')
     third = fx.join(mgr, 'h3')
     assert third == {'parents': [{'node': 'h1',
                                   'address': fx.address('h1')}],
-                     'depth': 2}
+                     'depth': 2, 'children': []}
+
+
+def test_answers_carry_the_nodes_own_children_only(mgr):
+    for name in ('h1', 'h2', 'h3', 'h4', 'h5'):
+        fx.join(mgr, name)
+    tree = mgr.get_tree(fx.IMAGE)['nodes']
+    with_children = 0
+    for name, node in tree.items():
+        answer = mgr.heartbeat(name, {fx.IMAGE: fx.entry(
+            name, node['parents'])})
+        assert answer[fx.IMAGE]['children'] == node['children']
+        with_children += bool(node['children'])
+    assert with_children >= 2
 
 
 def test_six_hosts_fan_out_two(mgr):
@@ -154,7 +168,7 @@ def test_heartbeat_returns_current_parents_and_records_state(mgr):
         fx.entry('h5', ['h2'], state='ready'), stats={'bytes_served': 42})})
     assert answer == {fx.IMAGE: {'parents': [{'node': 'h2',
                                               'address': fx.address('h2')}],
-                                 'depth': 2}}
+                                 'depth': 2, 'children': []}}
     node = mgr.get_tree(fx.IMAGE)['nodes']['h5']
     assert node['state'] == 'ready'
     assert node['stats'] == {'bytes_served': 42}
@@ -287,7 +301,7 @@ def test_failed_parent_children_go_to_grandparent_then_sibling(mgr):
     assert shape['h3'] == ['origin'] and shape['h4'] == ['h3']
     assert answer == {'parents': [{'node': 'h3',
                                    'address': fx.address('h3')}],
-                      'depth': 2}
+                      'depth': 2, 'children': []}
 
 
 def test_failed_parent_is_quarantined(mgr, clock):
@@ -421,7 +435,7 @@ def test_parent_that_never_reports_after_restart_is_replaced(clock):
     answer = mgr.heartbeat('c', {fx.IMAGE: fx.entry('c', ['b'])})
     # b is held as a placeholder: c keeps it for now.
     assert answer[fx.IMAGE] == {'parents': [{'node': 'b', 'address': None}],
-                                'depth': None}
+                                'depth': None, 'children': []}
     assert not mgr.get_tree(fx.IMAGE)['nodes']['b']['confirmed']
     # A placeholder takes no children.
     assert fx.parent_ids(fx.join(mgr, 'd')) == ['origin']

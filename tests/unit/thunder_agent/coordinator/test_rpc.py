@@ -41,13 +41,13 @@ def test_round_trip_of_every_call(api):
                           fx.ORIGIN_INFO)
     assert answer == {'parents': [{'node': 'h1',
                                    'address': fx.address('h1')}],
-                      'depth': 2}
+                      'depth': 2, 'children': []}
     beat = api.heartbeat('h3', {fx.IMAGE: fx.entry('h3', ['h1'])})
     assert beat == {fx.IMAGE: answer}
     assert api.list_trees() == {fx.IMAGE: {'nodes': 3, 'height': 2}}
     assert api.get_tree(fx.IMAGE)['nodes']['h3']['parents'] == ['h1']
     assert api.report_parent_failure(fx.IMAGE, 'h3', 'h1') == {
-        'parents': [fx.ORIGIN_INFO], 'depth': 1}
+        'parents': [fx.ORIGIN_INFO], 'depth': 1, 'children': []}
     assert api.leave(fx.IMAGE, 'h2') == {'pending_children': []}
     assert sorted(api.get_tree(fx.IMAGE)['nodes']) == ['h3']
 

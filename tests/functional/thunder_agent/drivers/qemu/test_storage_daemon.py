@@ -3,6 +3,7 @@
 import ctypes
 import hashlib
 import os
+import signal
 import socket
 
 import nbd
@@ -11,6 +12,8 @@ import pytest
 from thunder_agent import exception
 from thunder_agent import origin as origin_mod
 from thunder_agent.drivers.qemu import storage_daemon
+
+pytestmark = pytest.mark.functional
 
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
@@ -103,3 +106,29 @@ def test_port_in_use_is_a_clear_error_and_starts_nothing(
 def test_listening_socket_rejects_a_host_name():
     with pytest.raises(exception.BackendError, match='cannot listen on'):
         storage_daemon.listening_socket('not-an-address', 10809)
+
+
+def test_monitor_of_a_stopped_daemon_gives_up(workdir, image, qemu_tools):
+    server = origin_mod.OriginServer(
+        image['path'], 'raw', image['id'],
+        {'type': 'unix', 'path': os.path.join(workdir, 'o.sock')},
+        os.path.join(workdir, 'origin-run'))
+    server.daemon.start_timeout = 1
+    server.start()
+    pid = server.daemon.pid
+    try:
+        assert [e['id'] for e in server.daemon.command(
+            'query-block-exports')] == ['origin']
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Its socket still accepts; the greeting never comes.
+            with pytest.raises(exception.BackendError,
+                               match='cannot reach QMP'):
+                server.daemon.command('query-block-exports')
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert [e['id'] for e in server.daemon.command(
+            'query-block-exports')] == ['origin']
+    finally:
+        server.stop()
+    assert not storage_daemon.StorageDaemon._alive(pid)

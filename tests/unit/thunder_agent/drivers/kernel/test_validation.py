@@ -3,16 +3,17 @@ import copy
 import pytest
 
 from thunder_agent import exception
+from thunder_agent import records
 from thunder_agent.drivers.kernel import chap
 from thunder_agent.drivers.kernel import iscsi
 
-SOURCE = {'driver_volume_type': 'iscsi',
-          'data': {'target_portal': '10.99.2.1:3260',
-                   'target_iqn': 'iqn.2010-10.org.openstack.thunder:a:img',
-                   'target_lun': 1, 'auth_method': 'CHAP',
-                   'auth_username': 'thunder-img',
-                   'auth_password': 'Abcdefgh12345678',
-                   'target_discovered': False, 'access_mode': 'ro'}}
+DATA = {'target_portal': '10.99.2.1:3260',
+        'target_iqn': 'iqn.2010-10.org.openstack.thunder:a:img',
+        'target_lun': 1, 'auth_method': 'CHAP',
+        'auth_username': 'thunder-img',
+        'auth_password': 'Abcdefgh12345678',
+        'target_discovered': False, 'access_mode': 'ro'}
+SOURCE = records.Endpoint('iscsi', DATA)
 
 
 def test_check_source_returns_os_brick_properties():
@@ -24,22 +25,39 @@ def test_check_source_returns_os_brick_properties():
         'target_discovered': False}
 
 
+def test_a_relay_parent_endpoint_takes_the_secret_given():
+    data = dict(DATA)
+    del data['auth_password']
+    endpoint = records.Endpoint('iscsi', data)
+    props = iscsi.check_source(endpoint, 'Derived123456789')
+    assert props['auth_password'] == 'Derived123456789'
+    # Without one it is refused, and it never needs one to log out.
+    with pytest.raises(exception.InvalidSource):
+        iscsi.check_source(endpoint)
+    assert iscsi.logout_properties(endpoint) == {
+        'target_portal': '10.99.2.1:3260', 'target_iqn': data['target_iqn'],
+        'target_lun': 1, 'target_discovered': False}
+
+
 def _with(path, value):
-    source = copy.deepcopy(SOURCE)
     if path == 'driver_volume_type':
-        source[path] = value
-        return source
+        return records.Endpoint(value, copy.deepcopy(DATA))
+    data = copy.deepcopy(DATA)
     if value is KeyError:
-        del source['data'][path]
+        del data[path]
     else:
-        source['data'][path] = value
-    return source
+        data[path] = value
+    return records.Endpoint('iscsi', data)
 
 
 @pytest.mark.parametrize('source', [
-    None, [], {'driver_volume_type': 'iscsi'},
+    None, [], {'driver_volume_type': 'iscsi', 'data': DATA},
+    records.Endpoint('iscsi', None),
     _with('driver_volume_type', 'nbd'),
     _with('target_portal', ''), _with('target_portal', '10.0.0.1 :3260'),
+    _with('target_portal', '10.0.0.1'), _with('target_portal', '-x:3260'),
+    _with('target_portal', '[zz::1]:3260'),
+    _with('target_portal', '10.0.0.1:99999'),
     _with('target_iqn', KeyError), _with('target_lun', -1),
     _with('target_lun', True), _with('target_lun', '1'),
     # CHAP on every login.
@@ -50,9 +68,10 @@ def _with(path, value):
 ])
 def test_check_source_refuses(source):
     with pytest.raises(exception.InvalidSource) as info:
-        iscsi.check_source(source)
+        iscsi.check_source(source, secret='Derived123456789')
     # Secrets never appear in errors.
     assert 'Abcdefgh12345678' not in str(info.value)
+    assert 'Derived123456789' not in str(info.value)
 
 
 def test_same_source_compares_the_lun_only():
@@ -61,6 +80,11 @@ def test_same_source_compares_the_lun_only():
     assert not iscsi.same_source(SOURCE, _with('target_lun', 2))
     assert not iscsi.same_source(SOURCE,
                                  _with('target_portal', '10.99.1.2:3260'))
+
+
+def test_portals_split_with_and_without_brackets():
+    assert iscsi.split_portal('10.99.2.1:3260') == ('10.99.2.1', 3260)
+    assert iscsi.split_portal('[2001:db8::7]:3261') == ('2001:db8::7', 3261)
 
 
 def test_new_secrets_are_plain_and_distinct():
