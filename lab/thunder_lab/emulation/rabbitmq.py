@@ -6,6 +6,7 @@ broker. As root the broker runs as the ``rabbitmq`` user, which must own its
 data directory.
 """
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -17,6 +18,25 @@ import time
 from thunder_lab.emulation import netutil
 
 SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
+
+
+def epmd_pids(port):
+    """Pids of the epmd daemons started with ERL_EPMD_PORT=*port*."""
+    wanted = b'ERL_EPMD_PORT=%d' % port
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % name, 'rb') as f:
+                if b'epmd' not in f.read().split(b'\0')[0]:
+                    continue
+            with open('/proc/%s/environ' % name, 'rb') as f:
+                if wanted in f.read().split(b'\0'):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 class RabbitMQUnavailable(RuntimeError):
@@ -108,13 +128,13 @@ class RabbitMQ:
                     pass
                 self.proc.wait(10)
             self.proc = None
-            # The broker's private epmd outlives it; stop it too.
-            subprocess.run(['pkill', '-f', 'epmd.*-port %d' % self.epmd_port],
-                           check=False)
+            # The broker's private epmd outlives it; stop it too. It runs
+            # as "epmd -daemon": its port is only in its environment.
+            for pid in epmd_pids(self.epmd_port):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and subprocess.run(
-                    ['pgrep', '-f', 'epmd.*-port %d' % self.epmd_port],
-                    stdout=subprocess.DEVNULL).returncode == 0:
+            while time.monotonic() < deadline and epmd_pids(self.epmd_port):
                 time.sleep(0.1)
             self.log.close()
             shutil.rmtree(self.dir, ignore_errors=True)

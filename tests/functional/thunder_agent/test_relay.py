@@ -161,6 +161,38 @@ def test_cut_parent_host_children_are_reparented(rabbit, relay_image):
         tc.cluster.host('h2').heal()
 
 
+def test_parent_that_does_not_serve_costs_a_bounded_wait(rabbit,
+                                                         relay_image):
+    """A parent whose daemon hangs (SIGSTOP: connections are accepted, no
+    NBD handshake) must not hold the child's prepare: after [relay]
+    parent_ready_timeout the child reads from the origin, and the parent
+    is reported to the coordinator."""
+    import signal
+    image, digest = relay_image
+    with _cluster(rabbit, image, hosts=2, fan_out=1, agent_options={
+            'relay': {'parent_ready_timeout': 3}}) as tc:
+        tc.prepare('h1')
+        victim, = tc.agents['h1'].data_plane_pids()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            conn = tc.prepare('h2')
+            took = time.monotonic() - started
+            status, = tc.agents['h2'].client.get_status()['templates']
+            result = tc.finish_reader(tc.start_reader('h2', conn))
+            tree = _wait_for(lambda: (lambda t: t if 'h1' not in t['nodes']
+                                      or t['nodes']['h1']['quarantined']
+                                      else None)(tc.tree()), 30, 0.5)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        print('\nprepare under a hung parent answered in %.1f s '
+              '(parent_ready_timeout 3 s); h2 reads from %s'
+              % (took, status['source']))
+        assert status['source'] == '@origin'
+        assert result['error'] is None and result['sha256'] == digest
+        assert tree, 'the hung parent was never reported'
+
+
 def test_coordinator_restart_during_reads(rabbit, relay_image):
     image, digest = relay_image
     with _cluster(rabbit, image, hosts=6, bandwidth_mbit=80,
