@@ -1,17 +1,30 @@
 """Fixtures of the tests that run inside the QEMU guest (tools/guest-run).
 
-Three hosts share the guest's kernel, each with its own network namespace
-on one bridge, and its own tgtd:
+Four hosts share the guest's kernel, each with its own network namespace
+on one bridge, and its own tgtd (control port in brackets):
 
-    origin  10.99.1.1 and 10.99.1.2   exports the images (loop devices)
-    A       10.99.2.1                 relays from the origin
-    B       10.99.3.1                 relays from A, runs the snapshots
+    origin  10.99.1.1 to 10.99.1.3 [11]   exports the images (loop devices)
+    A       10.99.2.1 [12]                relays
+    B       10.99.3.1 [13]                relays
+    C       10.99.4.1 [14]                relays
 
 The iSCSI initiator (iscsid and the kernel's sessions) is not
 namespace-aware, so every host's initiator side lives in the root
 namespace and reaches the others over the bridge. Sessions are keyed by
 portal and target: the origin has one address per client host so that
-A's and B's sessions to it stay apart, as they would on two machines.
+A's, B's and C's sessions to it stay apart, as they would on separate
+machines.
+
+Two ways to drive the hosts:
+
+* :class:`Agent` calls one host's kernel driver in this process, as the
+  manager would (the checks the agent cannot be asked for over RPC: the
+  cache choice, a login with a wrong relay key);
+* :func:`rpc_cluster` runs a real ``thunder-coordinator`` and one real
+  ``thunder-agent`` per host, on the broker the harness started on the
+  host (``THUNDER_GUEST_TRANSPORT_URL``), and the tests talk to them over
+  oslo.messaging only. Their logs and config files land in the results
+  directory (``agents/``).
 
 Outside the guest every test here is skipped.
 """
@@ -25,6 +38,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
@@ -243,10 +257,12 @@ def guest(tmp_path_factory):
     root = tmp_path_factory.mktemp('hosts')
     hosts = {
         'origin': Host('origin', 'thunder-origin', ['10.99.1.1',
-                                                    '10.99.1.2'],
+                                                    '10.99.1.2',
+                                                    '10.99.1.3'],
                        11, str(root / 'origin')),
         'a': Host('a', 'thunder-a', ['10.99.2.1'], 12, str(root / 'a')),
         'b': Host('b', 'thunder-b', ['10.99.3.1'], 13, str(root / 'b')),
+        'c': Host('c', 'thunder-c', ['10.99.4.1'], 14, str(root / 'c')),
     }
     _setup_network(list(hosts.values()))
     try:
@@ -342,7 +358,7 @@ def make_image(guest):
 # relay exports from it.
 RELAY_KEY = os.urandom(32)
 # Each host reads the origin at an address of its own (see the top).
-ORIGIN_ADDRESS = {'a': '10.99.1.1', 'b': '10.99.1.2'}
+ORIGIN_ADDRESS = {'a': '10.99.1.1', 'b': '10.99.1.2', 'c': '10.99.1.3'}
 
 
 class Agent:
@@ -491,14 +507,21 @@ def agents(guest):
 
 def leftovers(agent):
     """What an agent left in the kernel and in tgt."""
-    prefix = agent.conf.kernel.device_prefix + '-'
+    return leftovers_of(agent.conf.kernel.device_prefix,
+                        agent.conf.agent.state_path, agent.host)
+
+
+def leftovers_of(device_prefix, state_path, host):
+    """Device-mapper devices named *device_prefix*-..., loop devices over
+    files under *state_path* and targets of *host*'s tgtd."""
+    prefix = device_prefix + '-'
     dm = [line.split()[0] for line in sh('dmsetup', 'ls').splitlines()
           if line.startswith(prefix)]
-    state = os.path.realpath(agent.conf.agent.state_path) + '/'
+    state = os.path.realpath(state_path) + '/'
     loops = [line for line in sh('losetup', '--list', '--noheadings',
                                  '--output', 'NAME,BACK-FILE').splitlines()
              if state in line]
-    targets = [line for line in agent.host.targets().splitlines()
+    targets = [line for line in host.targets().splitlines()
                if line.startswith('Target ')]
     return {'dm': dm, 'loops': loops, 'targets': targets}
 
@@ -514,3 +537,278 @@ def iscsi_sessions():
         if len(fields) >= 4:
             sessions.append((fields[2].split(',')[0], fields[3]))
     return sessions
+
+
+def cluster_portals(hosts):
+    """``host:3260`` of every address of the guest's hosts."""
+    return {'%s:3260' % address for host in hosts.values()
+            for address in host.addresses}
+
+
+# -- real agents and a coordinator over RPC ---------------------------------
+
+TRANSPORT_URL_ENV = 'THUNDER_GUEST_TRANSPORT_URL'
+RPC_HOSTS = ('a', 'b', 'c')
+# Python's start-up under TCG: four processes importing oslo.messaging,
+# os-brick and their privsep helpers on two emulated CPUs.
+START_TIMEOUT = 300
+# Waits for what the agents do in the background: heartbeats every 2 s,
+# repairs every 2 s, logins and map swaps at TCG speed.
+SETTLE_TIMEOUT = 120
+
+
+def wait_until(predicate, what, timeout=SETTLE_TIMEOUT, interval=0.5):
+    """Poll *predicate* until it returns a true value (returned); fail
+    naming *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError('gave up after %d s waiting for %s'
+                                 % (timeout, what))
+        time.sleep(interval)
+
+
+class RpcAgent:
+    """One host's real thunder-agent process and what the tests ask it."""
+
+    def __init__(self, host, process):
+        self.host = host
+        self.process = process
+        self.node = process.host
+        self.device_prefix = 'r' + host.name
+
+    @property
+    def client(self):
+        return self.process.client
+
+    def origin(self, image):
+        """The image's origin as this host reaches it (a dict, as Nova
+        would send it)."""
+        return image.export(ORIGIN_ADDRESS[self.host.name]).to_dict()
+
+    def prepare(self, image, instance_id=None):
+        """Template and snapshot; returns the snapshot's connection_info."""
+        return self.client.prepare(image.image_id, self.origin(image),
+                                   image.size, 'raw',
+                                   instance_id or str(uuid.uuid4()))
+
+    def prepare_template(self, image):
+        return self.client.prepare_template(image.image_id,
+                                            self.origin(image), image.size,
+                                            'raw')
+
+    def status(self):
+        return self.client.get_status()
+
+    def template(self, image_id, status=None):
+        """The template's entry in get_status, or None."""
+        status = status or self.status()
+        return next((t for t in status['templates']
+                     if t['image_id'] == image_id), None)
+
+    def settled(self, image_id):
+        """The template's status once it is READY with nothing running
+        on it and its figures in, else None."""
+        template = self.template(image_id)
+        if (template and template['state'] == 'ready'
+                and not template['busy'] and 'bytes_fetched' in template):
+            return template
+        return None
+
+    def release(self, image_id, timeout=SETTLE_TIMEOUT):
+        """release_template, waiting while the coordinator still names
+        children (they learn of the change at their next heartbeat, the
+        template at its own)."""
+        from thunder_agent import exception
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.client.release_template(image_id)
+            except exception.TemplateInUse as e:
+                if 'snapshot' in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(1)
+
+    def leftovers(self):
+        return leftovers_of(self.device_prefix, self.process.state_path,
+                            self.host)
+
+
+class RpcCluster:
+    def __init__(self, hosts, coordinator, agents):
+        self.hosts = hosts
+        self.coordinator = coordinator
+        self.agents = agents
+
+    def tree(self, image_id):
+        return self.coordinator.client.get_tree(image_id)
+
+    def parents(self, image_id):
+        """``{node: [parent, ...]}`` of the image's tree."""
+        return {node: entry['parents'] for node, entry in
+                self.tree(image_id)['nodes'].items()}
+
+    def release_everything(self, timeout=SETTLE_TIMEOUT):
+        """Delete every snapshot and template the agents still hold,
+        children before parents (cleanup after a failed test)."""
+        for agent in self.agents.values():
+            for snap in agent.status()['snapshots']:
+                agent.client.delete_snapshot(snap['instance_id'])
+        from thunder_agent import exception
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [(agent, t['image_id']) for agent in self.agents.values()
+                    for t in agent.status()['templates']]
+            if not left:
+                return
+            for agent, image_id in left:
+                try:
+                    agent.client.release_template(image_id)
+                except (exception.TemplateInUse, exception.TemplateBusy):
+                    pass
+            if time.monotonic() >= deadline:
+                raise AssertionError('templates left: %s' % [
+                    (agent.node, image_id) for agent, image_id in left])
+            time.sleep(1)
+
+
+# QEMU user networking: the guest's address; the host is 10.0.2.2.
+USER_NET_ADDRESS = '10.0.2.15'
+USER_NET_PREFIXLEN = 24
+
+
+def _reach_broker(url):
+    """Make sure the broker in *url* answers; bring the guest's user-net
+    interface up first if it has no address.
+
+    virtme-ng's init runs udhcpc on the virtio NIC at boot, but udev may
+    rename the NIC meanwhile (seen: eth0 -> enp0s10), which leaves it
+    down without an address. QEMU's user network always gives the guest
+    10.0.2.15, so it is configured statically then.
+    """
+    import glob
+    import socket as socket_mod
+    from urllib import parse
+
+    from pyroute2 import IPRoute
+
+    from thunder_lab.emulation import netutil
+
+    where = parse.urlsplit(url)
+    if netutil.wait_for_port(where.hostname, where.port, 5):
+        return
+    nics = [os.path.basename(path) for path in glob.glob(
+        '/sys/bus/virtio/drivers/virtio_net/virtio*/net/*')]
+    with IPRoute() as ipr:
+        for name in nics:
+            index = ipr.link_lookup(ifname=name)[0]
+            ipr.link('set', index=index, state='up')
+            if not ipr.get_addr(index=index, family=socket_mod.AF_INET):
+                ipr.addr('add', index=index, address=USER_NET_ADDRESS,
+                         prefixlen=USER_NET_PREFIXLEN)
+    if not netutil.wait_for_port(where.hostname, where.port, 30):
+        pytest.fail('the broker at %s:%s does not answer (interfaces %s)'
+                    % (where.hostname, where.port, nics))
+
+
+@pytest.fixture(scope='session')
+def relay_key_file(tmp_path_factory):
+    """The deployment's relay key, shared by every agent (mode 0600)."""
+    path = str(tmp_path_factory.mktemp('relay') / 'relay.key')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, 'wb') as f:
+        f.write(os.urandom(32))
+    return path
+
+
+def _agent_options(host, topic, key_file, lock_path):
+    return {
+        'agent': {'housekeeping_interval': 2},
+        'kernel': {'tgt_control_port': host.control_port,
+                   'export_address': host.address,
+                   'device_prefix': 'r' + host.name,
+                   'relay_key_file': key_file},
+        'relay': {'enabled': 'true', 'parent_probe_interval': 1,
+                  'parent_failures': 2, 'parent_ready_timeout': 15,
+                  'join_timeout': 10},
+        'coordinator': {'topic': topic, 'heartbeat_interval': 2,
+                        'rpc_timeout': 10},
+        # One initiator serves every agent here: os-brick serialises its
+        # logins and logouts across all of them, as on one compute host.
+        'os_brick': {'lock_path': lock_path},
+    }
+
+
+@pytest.fixture(scope='module')
+def rpc_cluster(guest, relay_key_file, tmp_path_factory):
+    """A coordinator and one agent per host (A, B, C), real processes.
+
+    fan_out and origin_fan_out are 1: the origin has one child and the
+    tree of three agents is a chain. After the module every agent must
+    have left nothing behind: no device, loop device, target or session.
+    """
+    from thunder_lab.emulation import agent as agent_mod
+    from thunder_lab.emulation import coordinator as coordinator_mod
+
+    url = os.environ.get(TRANSPORT_URL_ENV)
+    if not url:
+        pytest.fail('%s is not set: tools/guest-run starts a broker unless '
+                    'given --no-broker' % TRANSPORT_URL_ENV)
+    _reach_broker(url)
+    root = tmp_path_factory.mktemp('rpc')
+    logs = os.path.join(RESULTS_DIR or str(root), 'agents')
+    topic = 'thunder-coordinator-%s' % uuid.uuid4().hex[:8]
+    lock_path = str(root / 'os-brick-locks')
+    os.makedirs(lock_path, mode=0o700)
+    helper = os.path.join(os.path.dirname(sys.executable), 'privsep-helper')
+    coordinator = coordinator_mod.CoordinatorProcess(
+        url, str(root / 'coordinator'), topic=topic,
+        options={'coordinator': {'fan_out': 1, 'origin_fan_out': 1,
+                                 'heartbeat_interval': 2}},
+        log_dir=os.path.join(logs, 'coordinator'))
+    agents = {}
+    for name in RPC_HOSTS:
+        host = guest[name]
+        agents[name] = RpcAgent(host, agent_mod.AgentProcess(
+            url, str(root / name), host='agent-' + name, backend='kernel',
+            options=_agent_options(host, topic, relay_key_file, lock_path),
+            log_dir=os.path.join(logs, name), privsep_helper=helper))
+    processes = [coordinator] + [a.process for a in agents.values()]
+    try:
+        # In parallel: each start is mostly Python importing.
+        for process in processes:
+            process.spawn()
+        for process in processes:
+            process.wait_ready(START_TIMEOUT)
+        cluster = RpcCluster(guest, coordinator, agents)
+        yield cluster
+        cluster.release_everything()
+    finally:
+        for process in processes:
+            with contextlib.suppress(Exception):
+                if isinstance(process, agent_mod.AgentProcess):
+                    process.teardown()
+                else:
+                    process.stop()
+        for host in guest.values():
+            host.restart_tgtd()
+    left = {agent.node: agent.leftovers() for agent in agents.values()}
+    assert not any(v for found in left.values() for v in found.values()), \
+        left
+    portals = cluster_portals(guest)
+    assert [s for s in iscsi_sessions() if s[0] in portals] == []
+
+
+def pytest_runtest_logreport(report):
+    """Write each failure to the results directory as it happens: a guest
+    run killed at its timeout prints no summary."""
+    if report.failed and RESULTS_DIR:
+        with open(os.path.join(RESULTS_DIR, 'failures.log'), 'a') as f:
+            f.write('=== %s (%s) at %s\n%s\n' % (
+                report.nodeid, report.when, time.strftime('%H:%M:%S'),
+                report.longreprtext))
