@@ -15,6 +15,7 @@
 #                    [thunder] options
 
 NOVA_THUNDER_NOVA_OPTS=(enabled backend volume_types image_origin
+                        agent_state_path agent_run_path
                         transport_url control_exchange)
 
 function nova_thunder_bin_dir {
@@ -41,6 +42,9 @@ function configure_nova_thunder {
     iniset "$NOVA_CPU_CONF" thunder backend "$THUNDER_BACKEND"
     iniset "$NOVA_CPU_CONF" thunder volume_types "$THUNDER_VOLUME_TYPE"
     iniset "$NOVA_CPU_CONF" thunder image_origin "$THUNDER_IMAGE_ORIGIN"
+    # nova-compute accepts only disks laid out where the agent keeps them.
+    iniset "$NOVA_CPU_CONF" thunder agent_state_path "$THUNDER_STATE_PATH"
+    iniset "$NOVA_CPU_CONF" thunder agent_run_path "$THUNDER_RUN_PATH"
     iniset "$NOVA_CPU_CONF" thunder transport_url "$(get_transport_url)"
     iniset "$NOVA_CPU_CONF" thunder control_exchange openstack
 }

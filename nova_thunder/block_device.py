@@ -10,6 +10,10 @@ Two classes, one per kind of origin, both returning connection_info with
   ``destination_type=volume``): the Glance image is the origin and no
   Cinder volume exists.
 
+The agent's answer is used only if it is the local agent's disk of that
+instance and image (:mod:`nova_thunder.layout`); anything else is
+released and refused before libvirt sees it.
+
 The writable snapshot is the instance's disk on this host. It is released
 when the block device is detached, and when Nova destroys the instance's
 local disks (see :func:`release_disks`, called by the wiring from the libvirt
@@ -32,6 +36,7 @@ from nova.virt import driver as virt_driver_mod
 
 from nova_thunder import agent
 from nova_thunder import exception
+from nova_thunder import layout
 from nova_thunder import marking
 
 CONF = nova.conf.CONF
@@ -56,7 +61,7 @@ class _ThunderDevice:
                                          image_format, instance.uuid,
                                          self._source())
         try:
-            _check_disk(connection_info, instance)
+            _check_disk(connection_info, instance, image_id)
         except Exception:
             with excutils.save_and_reraise_exception():
                 self._release(instance, connection_info)
@@ -84,20 +89,20 @@ class _ThunderDevice:
                   self._source(), instance=instance)
 
 
-def _check_disk(connection_info, instance):
+def _check_disk(connection_info, instance, image_id):
+    """Refuse an answer to prepare that is not the local agent's disk of
+    *instance* and *image_id* (see :mod:`nova_thunder.layout`); the caller
+    releases the snapshot."""
     if not marking.is_thunder_connection(connection_info):
         raise exception.InvalidThunderDisk(
             reason='driver_volume_type is %r' % (
                 (connection_info or {}).get('driver_volume_type'),))
     data = connection_info.get('data') or {}
-    if data.get('instance_id') != instance.uuid:
-        raise exception.InvalidThunderDisk(
-            reason='snapshot belongs to %r, not %s'
-                   % (data.get('instance_id'), instance.uuid))
     if data.get('backend') != CONF.thunder.backend:
         raise exception.ThunderBackendMismatch(
             host=agent.agent_host(), actual=data.get('backend'),
             expected=CONF.thunder.backend)
+    layout.check(connection_info, instance.uuid, image_id)
 
 
 class ThunderVolumeBlockDevice(_ThunderDevice,

@@ -64,11 +64,57 @@ thunder_opts = [
                help='Where agents read Glance images that serve as origins, '
                     'as a URL pattern with the placeholder {image_id}: '
                     '"nbd://HOST:PORT/EXPORT", "nbd+unix:///EXPORT?socket='
-                    'PATH" or "file:///PATH" (the directory must be in the '
-                    'agents\' [agent] file_origin_dirs). The image '
-                    'property "thunder_origin" overrides it per image. '
-                    'Unset and no property: image-backed thunder block '
-                    'devices are refused.'),
+                    'PATH" or "file:///DIR/{image_id}". The agents must '
+                    'allow it ([agent] nbd_origin_networks and '
+                    'nbd_origin_ports, origin_socket_dirs or '
+                    'file_origin_dirs). Unset, and no store_image_origins '
+                    'entry nor trusted thunder_origin property for the '
+                    'image: image-backed thunder block devices are '
+                    'refused.'),
+    cfg.DictOpt('store_image_origins', default={},
+                sample_default='fast:file:///srv/glance/fast/{image_id},'
+                               'ceph:nbd://10.0.5.1:10809/{image_id}',
+                help='With Glance multi-store: an image_origin pattern per '
+                     'Glance store id ("STORE:PATTERN,..."). An image is '
+                     'read where the first of its stores that has an entry '
+                     'says; an image in none of them where image_origin '
+                     'says.'),
+    cfg.ListOpt('trusted_image_owners', default=[],
+                help='Projects (ids) whose images may name their own origin '
+                     'with the image property "thunder_origin" (a URL of '
+                     'the image_origin forms). Any other owner\'s property '
+                     'is ignored, logged, and the image read where '
+                     'store_image_origins or image_origin says: any tenant '
+                     'may set properties on its images, and the agent reads '
+                     'origins as root. "*" trusts every owner: only with '
+                     'Glance property protections that let administrators '
+                     'alone set thunder_origin. Empty: the property is '
+                     'never used.'),
+    cfg.StrOpt('agent_state_path', default='/var/lib/thunder-agent',
+               help='The local agent\'s [agent] state_path. A qemu disk '
+                    'is accepted from the agent only as the overlay '
+                    '<agent_state_path>/snapshots/<instance uuid>/'
+                    'overlay.qcow2, so that an answer forged on the message '
+                    'bus cannot give the guest another host file.'),
+    cfg.StrOpt('agent_run_path', default='/run/thunder-agent',
+               help='The local agent\'s [agent] run_path. A qemu disk\'s '
+                    'backing is accepted only as the template\'s NBD '
+                    'export on <agent_run_path>/<image id>.nbd, or on '
+                    'agent_relay_address.'),
+    cfg.HostAddressOpt('agent_relay_address', default='127.0.0.1',
+                       help='The local agent\'s [relay] listen_address: a '
+                            'relaying template exports over TCP there, and '
+                            'its disks\' backing is accepted there only, on '
+                            'a port of agent_relay_port_min..max.'),
+    cfg.PortOpt('agent_relay_port_min', default=10810,
+                help='The local agent\'s [relay] port_min.'),
+    cfg.PortOpt('agent_relay_port_max', default=10873,
+                help='The local agent\'s [relay] port_max.'),
+    cfg.StrOpt('agent_device_prefix', default='thunder',
+               regex=r'^[a-z][a-z0-9-]{0,31}$',
+               help='The local agent\'s [kernel] device_prefix. A kernel '
+                    'disk is accepted only as /dev/mapper/'
+                    '<agent_device_prefix>-snap-<instance uuid>.'),
     cfg.BoolOpt('allow_untested_nova', default=False,
                 help='Start even when the installed Nova release is not one '
                      'this nova-thunder release was tested with. The check '

@@ -7,9 +7,16 @@ The mark is a Cinder volume type listed in ``[thunder] volume_types``
   multi-attach, preferably read-only volume) is the origin; the agent reads
   it over the iSCSI connection Cinder gives this host.
 * ``source_type=image, destination_type=volume, volume_type=<type>``: the
-  Glance image is the origin, found through the image property
-  ``thunder_origin`` or ``[thunder] image_origin``; no Cinder volume is
-  created.
+  Glance image is the origin; no Cinder volume is created. Where the agent
+  reads it is the operator's choice: ``[thunder] store_image_origins`` for
+  the image's Glance store, else ``[thunder] image_origin``. The image
+  property ``thunder_origin`` names the origin only for an image owned by a
+  project of ``[thunder] trusted_image_owners``: any tenant may set
+  properties on its images, the agent reads origins as root, and Nova
+  copies properties into the snapshots tenants make. Another owner's
+  property is ignored (logged), not refused, for that last reason: the
+  snapshot of a server booted from a trusted image carries the property
+  naming the *parent's* origin, and reading it would boot the wrong data.
 
 Nova only ever passes the volume type's *name* (and Cinder shows custom
 extra specs to administrators only), so the name is what nova-compute
@@ -220,14 +227,44 @@ def image_origin(image):
         raise exception.ThunderImageUnsupported(
             image_id=image_id, reason='status is %r' % image.get('status'))
     size = _image_size(image)
-    pattern = properties.get(ORIGIN_PROPERTY) or CONF.thunder.image_origin
+    pattern = _origin_pattern(image_id, image, properties)
     if not pattern:
         raise exception.ThunderImageUnsupported(
             image_id=image_id,
-            reason='no origin: set the image property %s or [thunder] '
-                   'image_origin' % ORIGIN_PROPERTY)
+            reason='no origin is configured for it ([thunder] image_origin '
+                   'or store_image_origins)')
     origin = parse_origin_url(pattern.replace('{image_id}', image_id))
     return origin, size, disk_format
+
+
+def trusted_owner(owner):
+    """True when images of project *owner* may name their origin."""
+    trusted = CONF.thunder.trusted_image_owners
+    return bool(owner) and ('*' in trusted or owner in trusted)
+
+
+def _origin_pattern(image_id, image, properties):
+    """The origin URL pattern of *image*: a trusted owner's property, the
+    entry of the image's store, or the operator's default."""
+    prop = properties.get(ORIGIN_PROPERTY)
+    if prop:
+        owner = image.get('owner')
+        if trusted_owner(owner):
+            return prop
+        LOG.warning('Ignoring the image property %(prop)s of image '
+                    '%(image)s: its owner %(owner)s is not in [thunder] '
+                    'trusted_image_owners', {'prop': ORIGIN_PROPERTY,
+                                             'image': image_id,
+                                             'owner': owner})
+    by_store = CONF.thunder.store_image_origins
+    if by_store:
+        # Glance's "stores" (multi-store only) is set by Glance, never by
+        # users; Nova keeps it as a base attribute.
+        stores = image.get('stores') or properties.get('stores') or ''
+        for store in str(stores).split(','):
+            if store.strip() in by_store:
+                return by_store[store.strip()]
+    return CONF.thunder.image_origin
 
 
 def _image_size(image):

@@ -48,12 +48,35 @@ class InvalidOrigin(InvalidInput):
     msg_fmt = "Invalid origin: %(reason)s"
 
 
-class PathNotAllowed(InvalidInput):
-    msg_fmt = "Path %(path)r is outside the allowed directories %(allowed)s."
+class OriginNotAllowed(InvalidOrigin):
+    """An origin outside the operator's allow-lists ([agent] options).
+
+    The message names the image only: it reaches the instance fault a
+    tenant reads. Why it was refused (path, address, which list) is in
+    the agent's log and in :attr:`detail`, which does not cross RPC.
+    """
+    msg_fmt = "Origin of image %(image_id)s is not allowed on this host."
+    detail = None
 
 
 class OriginUnavailable(ThunderException):
     msg_fmt = "Origin of image %(image_id)s cannot be read: %(reason)s"
+
+
+class UnsafeImage(OriginUnavailable):
+    """Image content refused by the safety checks of
+    :mod:`thunder_agent.image_check` (a backing or data file, a format
+    other than the declared one): nothing was created."""
+    msg_fmt = "Image %(image_id)s is refused: %(reason)s"
+    client_error = True
+
+
+class OriginUnreadable(OriginUnavailable):
+    """What a caller is told when an origin cannot be read: the reason
+    (a path, an address, what the peer answered) stays in the agent's log,
+    as OriginNotAllowed's does."""
+    msg_fmt = "Origin of image %(image_id)s cannot be read on this host."
+    detail = None
 
 
 class TemplateNotFound(ThunderException):

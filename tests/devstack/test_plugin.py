@@ -146,6 +146,9 @@ def test_post_config(tmp_path):
         ('iniset', cpu, 'thunder', 'volume_types', 'thunder'),
         ('iniset', cpu, 'thunder', 'image_origin',
          'file:///opt/stack/data/glance/images/{image_id}'),
+        ('iniset', cpu, 'thunder', 'agent_state_path',
+         '/opt/stack/data/thunder-agent'),
+        ('iniset', cpu, 'thunder', 'agent_run_path', '/run/thunder-agent'),
         ('iniset', cpu, 'thunder', 'transport_url', url),
         ('iniset', cpu, 'thunder', 'control_exchange', 'openstack'),
     ]
@@ -234,7 +237,8 @@ def test_clean(tmp_path):
         admin + ('volume', 'type', 'delete', 'thunder'),
     ] + [('inidelete', cpu, 'thunder', opt) for opt in (
         'enabled', 'backend', 'volume_types', 'image_origin',
-        'transport_url', 'control_exchange')] + [
+        'agent_state_path', 'agent_run_path', 'transport_url',
+        'control_exchange')] + [
         ('sudo', 'rm', '-rf', '/opt/stack/data/thunder-agent',
          '/run/thunder-agent', '/etc/nova-thunder')]
 

@@ -47,9 +47,9 @@ def image_id(value):
 
 
 def origin(value):
-    # The coordinator never opens the origin; file origins are local to
-    # each host, so any absolute path is acceptable here.
-    return agent_validation.origin(value, allowed_file_dirs=('/',))
+    # The coordinator never opens the origin: its form only (each agent
+    # applies its own allow-lists).
+    return agent_validation.origin_shape(value)
 
 
 def address(value):

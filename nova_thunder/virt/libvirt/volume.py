@@ -9,6 +9,10 @@ there and describes it to libvirt:
   header records the same backing as a ``json:`` filename for tools).
 * ``kernel`` backend: a block device (device-mapper snapshot).
 
+Only the local agent's own disks are described (:mod:`nova_thunder.layout`:
+the overlay, backing and device paths the agent uses for that instance);
+anything else in a connection_info is refused before libvirt sees it.
+
 Connecting and disconnecting never create or delete anything: the snapshot
 lives until the block device is detached or the instance's disks are
 destroyed (see :mod:`nova_thunder.block_device`).
@@ -26,6 +30,7 @@ from nova.virt.libvirt import config as vconfig
 from nova.virt.libvirt.volume import volume as libvirt_volume
 
 from nova_thunder import exception
+from nova_thunder import layout
 
 CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
@@ -89,12 +94,13 @@ def _data(connection_info):
     return data
 
 
-def _require(data, *keys):
-    for key in keys:
-        if not data.get(key):
-            raise exception.InvalidThunderDisk(
-                reason='%s backend disk without %s'
-                       % (data.get('backend'), key))
+def _checked(connection_info, instance=None):
+    """The data of the local agent's disk, or InvalidThunderDisk. Without
+    *instance* (get_config), the instance the disk names."""
+    data = _data(connection_info)
+    instance_uuid = instance.uuid if instance is not None else data.get(
+        'instance_id')
+    return layout.check(connection_info, instance_uuid)
 
 
 class LibvirtThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
@@ -106,21 +112,27 @@ class LibvirtThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
         super().__init__(host, is_block_dev=False)
 
     def connect_volume(self, connection_info, instance):
-        data = _data(connection_info)
-        backend = data.get('backend')
+        data = _checked(connection_info, instance)
+        backend = data['backend']
         if backend == 'qemu':
-            _require(data, 'path', 'backing')
-            if not os.path.isfile(data['path']):
+            try:
+                mode = os.lstat(data['path']).st_mode
+            except FileNotFoundError:
                 raise nova_exception.DiskNotFound(location=data['path'])
+            if not stat.S_ISREG(mode):
+                # The agent writes a regular file; a symlink there is not
+                # its doing.
+                raise exception.InvalidThunderDisk(
+                    reason='the overlay is not a regular file')
             socket = data['backing'].get('socket')
             if socket and not os.path.exists(socket):
                 # The template's daemon is down; the agent restarts it and
                 # QEMU's NBD client reconnects, so only warn.
                 LOG.warning('Thunder template socket %s is missing', socket,
                             instance=instance)
-        elif backend == 'kernel':
-            _require(data, 'device_path')
+        else:
             try:
+                # /dev/mapper names are udev's symlinks to /dev/dm-N.
                 mode = os.stat(data['device_path']).st_mode
             except FileNotFoundError:
                 raise nova_exception.DiskNotFound(
@@ -128,9 +140,6 @@ class LibvirtThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
             if not stat.S_ISBLK(mode):
                 raise exception.InvalidThunderDisk(
                     reason='%s is not a block device' % data['device_path'])
-        else:
-            raise exception.InvalidThunderDisk(
-                reason='unknown backend %r' % (backend,))
         LOG.debug('Thunder disk of image %s is ready (%s backend)',
                   data.get('image_id'), backend, instance=instance)
 
@@ -140,42 +149,29 @@ class LibvirtThunderVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):
                   _data(connection_info).get('image_id'), instance=instance)
 
     def get_config(self, connection_info, disk_info):
-        data = _data(connection_info)
+        data = _checked(connection_info)
         conf = ThunderGuestDisk.from_disk(
             super().get_config(connection_info, disk_info))
         # The snapshot is private to this instance and writable, whatever
         # Cinder said about the origin volume.
         conf.readonly = False
         conf.shareable = False
-        backend = data.get('backend')
-        if backend == 'qemu':
-            _require(data, 'path', 'backing')
+        if data['backend'] == 'qemu':
             backing = data['backing']
-            if backing.get('driver') != 'nbd':
-                raise exception.InvalidThunderDisk(
-                    reason='backing driver %r is not nbd'
-                           % (backing.get('driver'),))
             conf.source_type = 'file'
             conf.source_path = data['path']
-            conf.driver_format = data.get('format', 'qcow2')
-            conf.backing_format = backing.get('format', 'raw')
-            conf.backing_export = backing.get('export', '')
+            conf.driver_format = 'qcow2'
+            conf.backing_format = 'raw'
+            conf.backing_export = backing['export']
             conf.backing_socket = backing.get('socket')
             conf.backing_host = backing.get('host')
             conf.backing_port = backing.get('port')
-            if not (conf.backing_socket or conf.backing_host):
-                raise exception.InvalidThunderDisk(
-                    reason='backing has neither socket nor host')
             delay = backing.get('reconnect_delay')
             if delay is not None and self.host.has_min_version(
                     lv_ver=MIN_LIBVIRT_NBD_RECONNECT):
-                conf.backing_reconnect_delay = int(delay)
-        elif backend == 'kernel':
-            _require(data, 'device_path')
+                conf.backing_reconnect_delay = delay
+        else:
             conf.source_type = 'block'
             conf.source_path = data['device_path']
             conf.driver_format = 'raw'
-        else:
-            raise exception.InvalidThunderDisk(
-                reason='unknown backend %r' % (backend,))
         return conf

@@ -80,6 +80,12 @@ err:    .asciz ":DISK-ERROR\n"
 wmsg:   .ascii "@WRITE_MARK@"
         .byte 0
         .set wmsg_len, . - wmsg
+        # One partition over the whole disk (16 MiB), as the MBR of a
+        # partitioned disk has: image safety checks (oslo.utils'
+        # format_inspector, as Nova's) refuse an MBR without any.
+        .org 0x1be
+        .byte 0x80, 0, 2, 0, 0x83, 0xfe, 0xff, 0xff
+        .long 1, 32767
         .org 0x1f0
 read_lba:  .long @READ_LBA@
 write_lba: .long @WRITE_LBA@

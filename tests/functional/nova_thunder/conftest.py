@@ -20,13 +20,24 @@ from thunder_lab.emulation import agent as agent_mod  # noqa: E402
 
 @pytest.fixture(scope='module')
 def shared_agent(rabbit, qemu_tools_module):
-    """One real agent per test module (starting one takes seconds)."""
+    """One real agent per test module (starting one takes seconds).
+
+    Its origins are where an operator would put them: image files named
+    by image id in a store (``agent.store``, Glance's file store on a
+    devstack), origin servers' sockets in ``agent.sockets``.
+    """
     workdir = tempfile.mkdtemp(prefix='nt-', dir='/tmp')
-    # Each test's image lives in its own temporary directory under /tmp.
+    store = os.path.join(workdir, 'images')
+    sockets = os.path.join(workdir, 'sockets')
+    for d in (store, sockets):
+        os.makedirs(d, mode=0o755)
     agent = agent_mod.AgentProcess(
         rabbit.transport_url, os.path.join(workdir, 'agent'),
         host='nova-thunder-%s' % uuid.uuid4().hex[:8],
-        file_origin_dirs=['/tmp'])
+        file_origin_dirs=[store],
+        options={'agent': {'origin_socket_dirs': sockets}})
+    agent.store = store
+    agent.sockets = sockets
     agent.start()
     yield agent
     agent.teardown()
@@ -66,9 +77,12 @@ def flags():
 
 @pytest.fixture
 def thunder(rabbit, agent, flags):
-    """nova-compute's [thunder] options pointing at a real agent."""
+    """nova-compute's [thunder] options pointing at a real agent, and
+    its Glance images read from the agent's store."""
     flags(transport_url=rabbit.transport_url, agent_host=agent.host,
-          timeout=120)
+          timeout=120, agent_state_path=agent.state_path,
+          agent_run_path=agent.run_path,
+          image_origin='file://%s/{image_id}' % agent.store)
     agent_client.reset_client()
     marking._volume_types.forget()
     yield agent
@@ -81,6 +95,25 @@ def wired():
     wiring.apply()
     yield
     wiring.restore()
+
+
+def store(agent, path, image_id):
+    """Put the image file *path* into the agent's store as Glance's file
+    store does: named by the image id. Returns its path there."""
+    stored = os.path.join(agent.store, image_id)
+    try:
+        os.link(path, stored)
+    except OSError:
+        shutil.copyfile(path, stored)
+    return stored
+
+
+@pytest.fixture
+def stored_image(thunder, image):
+    """The test image, in the agent's store."""
+    path = store(thunder, image['path'], image['id'])
+    yield dict(image, stored=path)
+    os.unlink(path)
 
 
 @pytest.fixture

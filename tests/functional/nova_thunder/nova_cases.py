@@ -8,7 +8,10 @@ process: Nova's test harness sets the process's concurrency mode, which the
 rest of the test suite must not inherit. Not collected on its own.
 
 Environment (set by test_nova_server.py): THUNDER_TRANSPORT_URL,
-THUNDER_AGENT_HOST, THUNDER_IMAGE_PATH, THUNDER_IMAGE_SIZE, and optionally
+THUNDER_AGENT_HOST, THUNDER_IMAGE_PATH, THUNDER_IMAGE_SIZE,
+THUNDER_IMAGE_STORE (a directory of the agent's file_origin_dirs, where the
+image is linked under its id, as Glance's file store names files),
+THUNDER_AGENT_STATE_PATH, THUNDER_AGENT_RUN_PATH, and optionally
 THUNDER_ISCSI (JSON: portal, iqn, user, password) for a golden volume.
 """
 
@@ -95,8 +98,12 @@ class ThunderServersTest(base.ServersTestBase):
 
         wiring.apply()
         self.addCleanup(wiring.restore)
+        store = os.environ['THUNDER_IMAGE_STORE']
         self.flags(transport_url=os.environ['THUNDER_TRANSPORT_URL'],
                    agent_host=os.environ['THUNDER_AGENT_HOST'],
+                   agent_state_path=os.environ['THUNDER_AGENT_STATE_PATH'],
+                   agent_run_path=os.environ['THUNDER_AGENT_RUN_PATH'],
+                   image_origin='file://%s/{image_id}' % store,
                    timeout=120, group='thunder')
         agent_client.reset_client()
         self.addCleanup(agent_client.reset_client)
@@ -104,14 +111,15 @@ class ThunderServersTest(base.ServersTestBase):
         self.addCleanup(self.empty_agent)
 
         size = int(os.environ['THUNDER_IMAGE_SIZE'])
-        origin = 'file://' + os.environ['THUNDER_IMAGE_PATH']
+        stored = os.path.join(store, IMAGE)
+        os.link(os.environ['THUNDER_IMAGE_PATH'], stored)
+        self.addCleanup(os.unlink, stored)
         for image_id, disk_format in ((IMAGE, 'raw'), (BAD_IMAGE, 'vmdk')):
             self.glance.create(None, {
                 'id': image_id, 'name': 'thunder-' + disk_format,
                 'status': 'active', 'disk_format': disk_format,
                 'container_format': 'bare', 'size': size, 'min_ram': 0,
-                'min_disk': 0, 'visibility': 'public',
-                'properties': {'thunder_origin': origin}})
+                'min_disk': 0, 'visibility': 'public', 'properties': {}})
         # Keep the domain XML Nova hands to libvirt (the fake libvirt's own
         # XMLDesc() only keeps the elements it models).
         self.defined = {}

@@ -8,7 +8,10 @@ and the block-device record's database save captured.
 
 import copy
 import os
+import uuid
 
+from oslo_config import cfg
+import oslo_messaging as messaging
 import pytest
 from oslo_serialization import jsonutils
 
@@ -19,10 +22,15 @@ from nova.virt import block_device as nova_bd
 from nova_thunder import block_device
 from nova_thunder import exception
 from nova_thunder import marking
+from tests.conftest import make_image
+from tests.conftest import sha256_file
 from tests.functional.nova_thunder.conftest import overlay_exists
 from tests.functional.nova_thunder.conftest import snapshots
+from tests.functional.nova_thunder.conftest import store
 from tests.functional.nova_thunder.conftest import templates
 from tests.unit.nova_thunder import payloads
+from thunder_agent import origin as origin_mod
+from thunder_agent import rpc as agent_rpc
 from thunder_lab.emulation import reader
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(300)]
@@ -115,10 +123,13 @@ def saved(monkeypatch):
 
 
 @pytest.fixture
-def glance(monkeypatch, image):
+def glance(monkeypatch, stored_image):
+    """Glance answering the test image (a tenant's: its owner is not
+    trusted), which the operator's [thunder] image_origin finds in the
+    agent's store."""
+    image = stored_image
     RecordedGlance.images = {image['id']: payloads.image(
-        id=image['id'], size=image['size'],
-        properties={'thunder_origin': 'file://' + image['path']})}
+        id=image['id'], size=image['size'], properties={})}
     monkeypatch.setattr(
         block_device.glance.API, 'get',
         lambda self, context, id_or_uri, include_locations=False,
@@ -147,6 +158,10 @@ def volume_bdm(instance, volume_id, attachment_id):
 
 @pytest.mark.usefixtures('wired')
 class TestImageOrigin:
+    @pytest.fixture(autouse=True)
+    def _finalizers(self, request):
+        self.addfinalizer = request.addfinalizer
+
     def test_attach_read_detach(self, thunder, glance, image, instance,
                                 context, saved):
         device = nova_bd.convert_volume(image_bdm(instance, image['id']))
@@ -168,7 +183,8 @@ class TestImageOrigin:
         assert reader.checksum(info) == (image['sha256'], image['size'])
         assert snapshots(thunder)[instance.uuid]['image_id'] == image['id']
         assert templates(thunder)[image['id']]['origin'] == {
-            'driver_volume_type': 'file', 'data': {'path': image['path']}}
+            'driver_volume_type': 'file',
+            'data': {'path': os.path.join(thunder.store, image['id'])}}
         assert virt.calls == []
 
         device.detach(context, instance, None, virt)
@@ -179,10 +195,15 @@ class TestImageOrigin:
         # The template stays for the next VMs until garbage-collected.
         assert image['id'] in templates(thunder)
 
-    def test_nbd_origin_server(self, thunder, glance, image, origin, flags,
-                               instance, context, saved):
-        socket = origin.connection()['data']['socket']
-        glance[image['id']]['properties'] = {}
+    def test_nbd_origin_server(self, thunder, glance, image, flags,
+                               instance, context, saved, workdir):
+        # A thunder-origin where the agent takes origin sockets from.
+        socket = os.path.join(thunder.sockets, image['id'][:8] + '.sock')
+        origin = origin_mod.OriginServer(
+            image['path'], 'raw', image['id'],
+            {'type': 'unix', 'path': socket},
+            os.path.join(workdir, 'origin-run')).start()
+        self.addfinalizer(origin.stop)
         flags(image_origin='nbd+unix:///{image_id}?socket=' + socket)
         device = nova_bd.convert_volume(image_bdm(instance, image['id']))
         device.attach(context, instance, None, RecordingVirtDriver())
@@ -309,21 +330,27 @@ class TestBadInput:
     @pytest.mark.parametrize('changes, error, words', [
         ({'disk_format': 'vmdk'}, exception.ThunderImageUnsupported,
          "disk_format 'vmdk' is not one of raw, qcow2"),
-        ({'properties': {'thunder_origin': 'file:///etc/passwd'}},
-         exception.ThunderDiskFailed,
-         "Path '/etc/passwd' is outside the allowed directories"),
         ({'size': 64 << 20}, exception.ThunderDiskFailed,
          'larger than the origin'),
+        # A trusted owner's property, which the agent does not allow: the
+        # fault names nothing but the image.
+        ({'properties': {'thunder_origin': 'file:///etc/passwd'}},
+         exception.ThunderDiskFailed, 'is not allowed on this host.'),
         ({'properties': {'thunder_origin': 'nbd+unix:///x?socket=/nope'}},
-         exception.ThunderDiskFailed, 'cannot be read'),
+         exception.ThunderDiskFailed, 'is not allowed on this host.'),
+        ({'properties': {'thunder_origin': 'nbd://127.0.0.1:22/x'}},
+         exception.ThunderDiskFailed, 'is not allowed on this host.'),
     ])
     def test_refused(self, thunder, glance, image, instance, context, saved,
-                     changes, error, words):
+                     flags, changes, error, words):
+        flags(trusted_image_owners=[payloads.GLANCE_IMAGE['owner']])
         glance[image['id']].update(changes)
         with pytest.raises(error) as e:
             self._attach(instance, context, image['id'])
         message = e.value.format_message()
         assert words in message, message
+        for detail in ('/etc/passwd', '/nope', ':22', 'qemu-img'):
+            assert detail not in message, message
         self._nothing_left(thunder, instance)
         assert [jsonutils.loads(s) for s in saved] in ([], [{}])
 
@@ -378,3 +405,143 @@ def test_release_is_idempotent(thunder, glance, image, instance, context,
     # Again (a delete retried after a failure): nothing to do, no error.
     assert block_device.release_disks(instance, info) == 1
     assert instance.uuid not in snapshots(thunder)
+
+
+class RogueAgent:
+    """Something on the agent's topic answering nova-compute's prepare
+    with a disk of its choosing (issue 10, item 5)."""
+
+    target = messaging.Target(version='1.1')
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.deleted = []
+
+    def prepare(self, ctxt, image_id, origin, size, image_format,
+                instance_id):
+        info = copy.deepcopy(self.answer)
+        info['data'].update(image_id=image_id, instance_id=instance_id)
+        return info
+
+    def delete_snapshot(self, ctxt, instance_id):
+        self.deleted.append(instance_id)
+
+
+@pytest.fixture
+def rogue(rabbit, flags):
+    started = []
+
+    def start(answer):
+        host = 'rogue-%s' % uuid.uuid4().hex[:8]
+        transport = agent_rpc.get_transport(cfg.CONF, rabbit.transport_url)
+        endpoint = RogueAgent(answer)
+        server = messaging.get_rpc_server(
+            transport, messaging.Target(
+                exchange=marking.CONF.thunder.control_exchange,
+                topic=marking.CONF.thunder.topic, server=host),
+            [endpoint], executor='threading')
+        server.start()
+        started.append((server, transport))
+        flags(agent_host=host)
+        return endpoint
+
+    yield start
+    for server, transport in started:
+        server.stop()
+        server.wait()
+        transport.cleanup()
+
+
+@pytest.mark.usefixtures('wired')
+class TestTrust:
+    """Origins are the operator's; disks are the agent's."""
+
+    def test_untrusted_owners_property_is_ignored(
+            self, thunder, glance, image, instance, context, saved):
+        # A tenant's image whose property names another tenant's image
+        # file in the same store.
+        victim = str(uuid.uuid4())
+        victim_path = store(thunder, image['path'], victim)
+        attacker = str(uuid.uuid4())
+        own = make_image(os.path.join(thunder.store, attacker),
+                         image['size'], seed=b'attacker')
+        try:
+            glance[attacker] = payloads.image(
+                id=attacker, size=image['size'],
+                owner='5b0c6f3e2d1a4b7c8e9f0a1b2c3d4e5f',
+                properties={'thunder_origin': 'file://' + victim_path})
+            device = nova_bd.convert_volume(image_bdm(instance, attacker))
+            device.attach(context, instance, None, RecordingVirtDriver())
+            info = device['connection_info']
+            # The disk is the attacker's own image, not the victim's.
+            assert reader.checksum(info) == (sha256_file(own),
+                                             image['size'])
+            assert reader.checksum(info)[0] != image['sha256']
+            assert templates(thunder)[attacker]['origin'] == {
+                'driver_volume_type': 'file', 'data': {'path': own}}
+        finally:
+            os.unlink(victim_path)
+            os.unlink(own)
+
+    def test_trusted_owners_property_names_the_origin(
+            self, thunder, glance, image, instance, context, saved, flags):
+        flags(trusted_image_owners=[payloads.GLANCE_IMAGE['owner']],
+              image_origin=None)
+        glance[image['id']]['properties'] = {
+            'thunder_origin': 'file://%s/{image_id}' % thunder.store}
+        device = nova_bd.convert_volume(image_bdm(instance, image['id']))
+        device.attach(context, instance, None, RecordingVirtDriver())
+        assert reader.checksum(device['connection_info']) == (
+            image['sha256'], image['size'])
+        # Without the trust, the same image has no origin at all.
+        flags(trusted_image_owners=[])
+        other = objects.Instance(uuid=str(uuid.uuid4()), host=instance.host,
+                                 availability_zone='nova')
+        with pytest.raises(exception.ThunderImageUnsupported) as e:
+            nova_bd.convert_volume(image_bdm(other, image['id'])).attach(
+                context, other, None, RecordingVirtDriver())
+        assert 'no origin is configured' in e.value.format_message()
+
+    @pytest.mark.parametrize('forge', ['host file', 'other overlay',
+                                       'other template', 'host device'])
+    def test_forged_answer_is_refused_and_released(
+            self, thunder, glance, image, instance, context, saved, rogue,
+            flags, forge):
+        # A real disk of another instance and image on the real agent.
+        other = str(uuid.uuid4())
+        real = thunder.client.prepare(
+            image['id'], {'driver_volume_type': 'file', 'data': {
+                'path': os.path.join(thunder.store, image['id'])}},
+            image['size'], 'raw', other)
+        answer = copy.deepcopy(real)
+        data = answer['data']
+        if forge == 'host file':
+            data.update(path='/etc/shadow', format='raw')
+        elif forge == 'other template':
+            # This instance's overlay path, but its backing the template
+            # of another image than the one asked for below.
+            data['path'] = real['data']['path'].replace(other, instance.uuid)
+        elif forge == 'host device':
+            flags(backend='kernel')
+            answer['data'] = {'backend': 'kernel', 'format': 'raw',
+                              'device_path': '/dev/sda'}
+        rogue_agent = rogue(answer)
+        virt = RecordingVirtDriver()
+        asked = str(uuid.uuid4()) if forge == 'other template' else (
+            image['id'])
+        if asked != image['id']:
+            glance[asked] = dict(glance[image['id']], id=asked)
+        device = nova_bd.convert_volume(image_bdm(instance, asked))
+        with pytest.raises(exception.InvalidThunderDisk) as e:
+            device.attach(context, instance, None, virt)
+        message = e.value.format_message()
+        assert 'not a disk of the thunder agent of this host' in message
+        for detail in ('/etc/shadow', '/dev/sda', other):
+            assert detail not in message
+        # libvirt never saw it, Nova stored nothing, and the snapshot the
+        # "agent" claims to have made is released.
+        assert virt.calls == []
+        assert [jsonutils.loads(s) for s in saved] in ([], [{}])
+        assert rogue_agent.deleted == [instance.uuid]
+        # The real agent's disks are untouched.
+        assert overlay_exists(real)

@@ -29,15 +29,15 @@ DISK_INFO = {'bus': 'virtio', 'dev': 'vda', 'type': 'disk'}
 
 
 @pytest.fixture
-def boot_image(workdir):
-    images = os.path.join(workdir, 'images')
-    os.makedirs(images, exist_ok=True)
+def boot_image(thunder):
+    # In the agent's store, named by its id, as Glance's file store does.
+    image_id = str(uuid.uuid4())
     try:
-        path = bootdisk.make(os.path.join(images, 'boot.raw'))
+        path = bootdisk.make(os.path.join(thunder.store, image_id))
     except bootdisk.ToolsMissing as e:
         pytest.skip(str(e))
-    return {'id': str(uuid.uuid4()), 'path': path,
-            'size': os.path.getsize(path)}
+    yield {'id': image_id, 'path': path, 'size': os.path.getsize(path)}
+    os.unlink(path)
 
 
 def prepare(boot_image, instance_uuid):
@@ -107,10 +107,11 @@ def test_disk_xml_defines_on_the_test_driver(thunder, boot_image,
 
 
 def test_kernel_disk_xml_defines_on_the_test_driver(volume_driver):
+    instance_uuid = str(uuid.uuid4())
+    device = '/dev/mapper/thunder-snap-' + instance_uuid
     info = {'driver_volume_type': 'thunder',
             'data': {'backend': 'kernel', 'image_id': str(uuid.uuid4()),
-                     'instance_id': str(uuid.uuid4()),
-                     'device_path': '/dev/mapper/thunder-snap-1'}}
+                     'instance_id': instance_uuid, 'device_path': device}}
     disk = volume_driver.get_config(info, DISK_INFO)
     conn = libvirt.open('test:///default')
     try:
@@ -122,7 +123,7 @@ def test_kernel_disk_xml_defines_on_the_test_driver(volume_driver):
     finally:
         conn.close()
     assert parsed.get('type') == 'block'
-    assert parsed.find('source').get('dev') == '/dev/mapper/thunder-snap-1'
+    assert parsed.find('source').get('dev') == device
 
 
 @pytest.fixture

@@ -59,6 +59,10 @@ def test_servers_with_thunder_block_devices(rabbit, agent, image,
         THUNDER_AGENT_HOST=agent.host,
         THUNDER_IMAGE_PATH=image['path'],
         THUNDER_IMAGE_SIZE=str(image['size']),
+        # The agent's file_origin_dirs, and its layout for [thunder].
+        THUNDER_IMAGE_STORE=agent.store,
+        THUNDER_AGENT_STATE_PATH=agent.state_path,
+        THUNDER_AGENT_RUN_PATH=agent.run_path,
     )
     if golden_volume is not None:
         env['THUNDER_ISCSI'] = json.dumps({

@@ -79,26 +79,92 @@ class TestOriginURL:
             marking.parse_origin_url(url)
 
 
+OWNER = payloads.GLANCE_IMAGE['owner']
+TENANT = '5b0c6f3e2d1a4b7c8e9f0a1b2c3d4e5f'
+
+
 class TestImageOrigin:
-    def test_property_pattern(self):
+    def test_config_pattern(self, flags):
+        flags(image_origin='file:///srv/images/{image_id}')
+        origin, size, fmt = marking.image_origin(
+            payloads.image(properties={}))
+        assert origin == {'driver_volume_type': 'file', 'data': {
+            'path': '/srv/images/' + payloads.IMAGE_ID}}
+        assert (size, fmt) == (117440512, 'raw')
+
+    def test_property_of_a_trusted_owner(self, flags):
+        flags(trusted_image_owners=['0123', OWNER])
         origin, size, fmt = marking.image_origin(payloads.image())
         assert origin == {'driver_volume_type': 'nbd', 'data': {
             'host': '192.168.122.10', 'port': 10809,
             'export': payloads.IMAGE_ID}}
         assert (size, fmt) == (117440512, 'raw')
-
-    def test_config_pattern(self, flags):
-        flags(image_origin='file:///srv/images/{image_id}')
-        origin, _, _ = marking.image_origin(payloads.image(properties={}))
-        assert origin == {'driver_volume_type': 'file', 'data': {
-            'path': '/srv/images/' + payloads.IMAGE_ID}}
-
-    def test_property_wins_over_config(self, flags):
+        # It wins over the operator's default.
         flags(image_origin='file:///srv/images/{image_id}')
         origin, _, _ = marking.image_origin(payloads.image())
         assert origin['driver_volume_type'] == 'nbd'
 
-    def test_qcow2_with_virtual_size(self):
+    @pytest.mark.parametrize('prop', [
+        # The management network's services, another tenant's template
+        # socket, Glance's whole store, a host file.
+        'nbd://10.20.0.7:22/x',
+        'nbd+unix:///x?socket=/run/thunder-agent/%s.nbd' % payloads.IMAGE_ID,
+        'file:///var/lib/glance/images/0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d',
+        'file:///etc/shadow',
+    ])
+    def test_property_of_any_other_owner_is_ignored(self, flags, caplog,
+                                                    prop):
+        flags(image_origin='file:///srv/images/{image_id}',
+              trusted_image_owners=[OWNER])
+        image = payloads.image(owner=TENANT,
+                               properties={'thunder_origin': prop})
+        origin, _, _ = marking.image_origin(image)
+        # The operator's origin of this very image, not the tenant's.
+        assert origin == {'driver_volume_type': 'file', 'data': {
+            'path': '/srv/images/' + payloads.IMAGE_ID}}
+        assert 'Ignoring the image property thunder_origin' in caplog.text
+        assert TENANT in caplog.text
+
+    def test_no_owner_is_trusted_by_default(self, flags):
+        image = payloads.image()
+        assert not marking.trusted_owner(image['owner'])
+        with pytest.raises(exception.ThunderImageUnsupported) as e:
+            marking.image_origin(image)
+        # Nothing of the property in the fault the tenant reads.
+        message = e.value.format_message()
+        assert 'no origin is configured' in message
+        assert '192.168' not in message
+
+    def test_every_owner_with_glance_property_protections(self, flags):
+        flags(trusted_image_owners=['*'])
+        origin, _, _ = marking.image_origin(payloads.image(owner=TENANT))
+        assert origin['data']['host'] == '192.168.122.10'
+        # An image without an owner is nobody's.
+        with pytest.raises(exception.ThunderImageUnsupported):
+            marking.image_origin(payloads.image(owner=None))
+
+    def test_per_store_origins(self, flags):
+        flags(image_origin='nbd://10.0.5.9/{image_id}',
+              store_image_origins={
+                  'fast': 'file:///srv/fast/{image_id}',
+                  'ceph': 'nbd://10.0.5.1:10809/{image_id}'})
+        for stores, host_or_path in (
+                ('fast', '/srv/fast/' + payloads.IMAGE_ID),
+                ('cheap,ceph', '10.0.5.1'), ('ceph,fast', '10.0.5.1'),
+                ('cheap', '10.0.5.9'), (None, '10.0.5.9')):
+            origin, _, _ = marking.image_origin(
+                payloads.image(properties={}, stores=stores))
+            assert host_or_path in origin['data'].values(), stores
+
+    def test_store_option_parses_urls(self):
+        from oslo_config import types
+        parsed = types.Dict()('fast:file:///srv/fast/{image_id},'
+                              'ceph:nbd://10.0.5.1:10809/{image_id}')
+        assert parsed == {'fast': 'file:///srv/fast/{image_id}',
+                          'ceph': 'nbd://10.0.5.1:10809/{image_id}'}
+
+    def test_qcow2_with_virtual_size(self, flags):
+        flags(image_origin='file:///srv/images/{image_id}')
         _, size, fmt = marking.image_origin(
             payloads.image(disk_format='qcow2', virtual_size=1 << 30))
         assert (size, fmt) == (1 << 30, 'qcow2')
@@ -112,7 +178,8 @@ class TestImageOrigin:
         ({'properties': {}}, 'no origin'),
         ({'properties': {'thunder_origin': 'ftp://x/y'}}, "scheme 'ftp'"),
     ])
-    def test_refused(self, changes, words):
+    def test_refused(self, changes, words, flags):
+        flags(trusted_image_owners=[OWNER])
         with pytest.raises(nova_exception.Invalid) as e:
             marking.image_origin(payloads.image(**changes))
         assert words in e.value.format_message()
