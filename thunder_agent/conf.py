@@ -7,12 +7,31 @@ nova-compute adds no option to Nova's configuration. ``oslo-config-generator``
 produces ``etc/thunder-agent.conf.sample`` from :func:`list_opts`.
 """
 
+import ipaddress
 import socket
 
 from oslo_config import cfg
+from oslo_config import types
 
 from thunder_agent.coordinator import rpc as coordinator_rpc
 from thunder_agent.rpc import api as agent_api
+
+
+class Network(types.ConfigType):
+    """An IPv4 or IPv6 network in CIDR notation (host bits refused, so
+    that ``10.0.0.5/24`` is not read as ``10.0.0.0/24`` by mistake)."""
+
+    def __init__(self):
+        super().__init__(type_name='CIDR value')
+
+    def __call__(self, value):
+        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            return value
+        return ipaddress.ip_network(str(value).strip())
+
+    def _formatter(self, value):
+        return str(value)
+
 
 default_opts = [
     cfg.HostAddressOpt(
@@ -42,9 +61,33 @@ agent_opts = [
     cfg.StrOpt('topic', default=agent_api.TOPIC,
                help='RPC topic the agents listen on.'),
     cfg.ListOpt('file_origin_dirs', default=[],
-                help='Directories from which local image files may be used '
-                     'as origins ("file" origins). Empty: file origins are '
+                help='Directories holding image files that may be origins '
+                     '("file" origins), e.g. Glance\'s file store. An '
+                     'origin must be exactly "<dir>/<image id>": a regular '
+                     'file, not a symlink, in a directory no other user may '
+                     'write to. Empty: file origins are refused.'),
+    cfg.ListOpt('origin_socket_dirs', default=[],
+                help='Directories holding the unix sockets of NBD origin '
+                     'servers ("nbd+unix" origins, e.g. thunder-origin). '
+                     'An origin\'s socket must sit directly in one of them, '
+                     'be a socket (not a symlink) and not be in or under '
+                     'this agent\'s run_path, whose sockets are the '
+                     'templates of other images. Empty: socket origins are '
                      'refused.'),
+    cfg.ListOpt('nbd_origin_networks', default=[], item_type=Network(),
+                help='Networks, in CIDR notation, of the NBD origin servers '
+                     'this agent may connect to ("nbd" origins over TCP). '
+                     'The host of such an origin must be an IP address '
+                     'literal inside one of them: host names are refused, '
+                     'never resolved, and so are IPv6 scope ids, '
+                     'IPv4-mapped IPv6 addresses and unspecified or '
+                     'multicast addresses. Empty: TCP NBD origins are '
+                     'refused.'),
+    cfg.Opt('nbd_origin_ports', type=types.Range(min=1, max=65535),
+            default='10809',
+            help='TCP port, or range of ports "FIRST-LAST", of the NBD '
+                 'origin servers (10809 is NBD\'s and thunder-origin\'s '
+                 'default).'),
     cfg.IntOpt('housekeeping_interval', default=10, min=1,
                help='Seconds between housekeeping runs: data-plane '
                     'supervision (a template whose daemon or forwarder died '
@@ -112,6 +155,28 @@ qemu_opts = [
     cfg.IntOpt('flush_timeout', default=10, min=1,
                help='Seconds a flush of a template\'s cache may take before '
                     'it is given up until the next [cache] flush_interval.'),
+    cfg.IntOpt('local_connections', default=128, min=4, max=4096,
+               help='NBD connections a template\'s unix socket takes at '
+                    'once from local readers: one per VM of the image on '
+                    'this host, and up to 3 of the agent (flush, prefetch, '
+                    'stats). The template daemon\'s QEMU max-connections is '
+                    'this plus relay_connections for a relaying template; '
+                    'a reader beyond it waits unanswered until one leaves. '
+                    'Only processes that can open [agent] run_path reach '
+                    'the socket.'),
+    cfg.IntOpt('relay_connections', default=0, min=0, max=1024,
+               help='TCP connections a relaying template\'s relay listener '
+                    '(children only: local readers use the unix socket) '
+                    'serves at once; one more waits in the kernel\'s accept '
+                    'queue until one leaves, and a child whose parent is '
+                    'full reads from the origin after [relay] '
+                    'parent_ready_timeout. 0: twice [coordinator] fan_out '
+                    'plus 4 (12 with fan_out 4): each child\'s connection, '
+                    'one more per child for its readiness probes and for a '
+                    'reconnection while the old connection is not yet '
+                    'closed, and 4 to spare. Anyone who can reach the port '
+                    'from [relay] peer_networks can hold these; TLS with '
+                    'client authorization is what keeps strangers out.'),
 ]
 
 
@@ -129,6 +194,13 @@ prefetch_opts = [
                     'stream the rest of the image into the cache at this '
                     'many MiB/s in the background. 0: only on request '
                     '(thunder-admin prefetch).'),
+    cfg.IntOpt('max_rate_mb', default=100, min=1,
+               help='Cap in MiB/s on every full prefetch of this agent, '
+                    'whatever rate full_rate_mb or a request asks for: a '
+                    'faster request is clamped to it (its status shows the '
+                    'rate it runs at). A full prefetch fetches the whole '
+                    'image from the template\'s source; 100 MiB/s leaves a '
+                    '1 Gbit/s link about a fifth for booting VMs.'),
 ]
 
 relay_group = cfg.OptGroup('relay', title='Relay tree (agent side)')
@@ -153,6 +225,19 @@ relay_opts = [
                 help='First TCP port for template exports (one per image).'),
     cfg.PortOpt('port_max', default=10873,
                 help='Last TCP port for template exports.'),
+    cfg.ListOpt('peer_networks', default=[], item_type=Network(),
+                help='Networks, in CIDR notation, of the other hosts\' '
+                     'relay exports. A parent the coordinator names must '
+                     'be an IP address literal inside one of them (and '
+                     'its port in port_min..port_max, its export the image '
+                     'id), else it is refused and the template reads from '
+                     'the origin. The qemu driver\'s relay listener also '
+                     'accepts children from there only (when the networks '
+                     'of listen_address\'s family are one network). Empty: '
+                     'the network listen_address is configured on, as the '
+                     'host\'s interface has it (10.0.0.0/24 for 10.0.0.5/24, '
+                     '127.0.0.0/8 for the default 127.0.0.1); no parent is '
+                     'accepted while listen_address is on no interface.'),
     cfg.IntOpt('rate_limit_mbit', default=0, min=0,
                help='Cap, in Mbit/s, on relay traffic this node sends to '
                     'its children (tc HTB on [relay] interface, matching the '

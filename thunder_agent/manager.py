@@ -335,7 +335,7 @@ class AgentManager:
         its status. Concurrent calls for one image share one build."""
         image_id = validation.image_id(image_id)
         origin = records.Endpoint.from_dict(validation.origin(
-            origin, self.conf.agent.file_origin_dirs))
+            origin, image_id, validation.OriginPolicy.from_conf(self.conf)))
         size = validation.size(size)
         image_format = validation.image_format(image_format)
         self.driver.check_origin(origin)
@@ -476,9 +476,20 @@ class AgentManager:
             record.relay.children = list(placement.children)
         if placement.parent == ORIGIN or not placement.known:
             return
-        source = self.driver.parent_source(placement.parent,
-                                           placement.address,
-                                           record.image_id)
+        try:
+            source = self.driver.parent_source(placement.parent,
+                                               placement.address,
+                                               record.image_id)
+        except exception.InvalidInput as e:
+            # A parent address this host must not use (outside [relay]
+            # peer_networks, a port off the relay range, a forged export):
+            # read from the origin and have the coordinator move us.
+            LOG.error('Template %s reads from its origin: parent %s has an '
+                      'address this host refuses (%s)', record.image_id,
+                      placement.parent, e)
+            self._submit(entry, 'report', self._report_failure, entry,
+                         placement.parent)
+            return
         wait = min(self.conf.relay.parent_ready_timeout,
                    max(0.0, deadline - self._clock() - ANSWER_MARGIN))
         if self._wait_ready(source, wait):
@@ -719,7 +730,8 @@ class AgentManager:
         if mode == 'full' or (automatic and self.conf.prefetch.full_rate_mb):
             rate = rate_mb or self.conf.prefetch.full_rate_mb or 1 << 20
             jobs.append(prefetch_mod.FullPrefetcher(
-                target, view.size, int(rate * MIB)))
+                target, view.size, int(rate * MIB),
+                max_rate=self.conf.prefetch.max_rate_mb * MIB))
         if not jobs:
             return None
         runner = _PrefetchChain(jobs)
@@ -859,7 +871,8 @@ class AgentManager:
             'size': record.size,
             'image_format': record.image_format,
             'backend': record.driver,
-            'origin': record.origin.to_dict(),
+            # Never the origin's secret: status goes to operators' tools.
+            'origin': validation.describe_origin(record.origin.to_dict()),
             'source': record.source.node,
             'export': record.export.to_dict() if record.export else None,
             'children': list(record.relay.children) if record.relay
@@ -949,7 +962,14 @@ class AgentManager:
             try:
                 built = self.driver.ensure_template(view, self._tdir(view))
             except exception.BackendError as e:
-                if view.source.is_origin:
+                # A parent that still answers is not to blame (this
+                # host's own export may be what failed, e.g. its tgtd
+                # died): moving would cost the origin a copy and the
+                # parent its place in the tree. The next housekeeping
+                # tries again. (The same probe as probe_parents: a TCP
+                # connect, which a loaded host still answers in time.)
+                if view.source.is_origin or self._answers(
+                        view.source, self.conf.relay.parent_probe_timeout):
                     raise
                 # The parent is gone as well (a host reboot takes both):
                 # rebuild on the origin, which always serves, and tell the
@@ -987,9 +1007,15 @@ class AgentManager:
                 self._submit(entry, 'flush', self._flush, entry)
 
     def _flush(self, entry):
-        with self._shared(entry, 'flush', self._clock()):
-            view = entry.view()
-            self.driver.flush_template(view, self._tdir(view))
+        try:
+            with self._shared(entry, 'flush', self._clock()):
+                view = entry.view()
+                self.driver.flush_template(view, self._tdir(view))
+        except (exception.TemplateBusy, exception.TemplateNotFound):
+            # A repair or re-parent runs or waits, or the template went
+            # away: nothing to flush now; the next flush comes within
+            # [cache] flush_interval. (The driver raises neither.)
+            raise _Busy()
 
     def heartbeat(self):
         """Report every relaying template to the coordinator and follow
@@ -1093,15 +1119,26 @@ class AgentManager:
                 record.relay.children = list(placement.children)
                 entry.dirty = True
             current = record.relay.parent
-            if record.state != READY or not placement.known or (
-                    placement.parent == current and (
-                        current == ORIGIN or
-                        record.source == self.driver.parent_source(
-                            current, placement.address, record.image_id))):
+            if record.state != READY or not placement.known:
                 return
-        self._submit(entry, 'reparent', self._reparent, entry, placement)
+            source = records.Source.origin(record.origin)
+            if placement.parent != ORIGIN:
+                try:
+                    source = self.driver.parent_source(
+                        placement.parent, placement.address,
+                        record.image_id)
+                except exception.InvalidInput as e:
+                    LOG.error('Template %s stays on %s: the coordinator '
+                              'names parent %s at an address this host '
+                              'refuses (%s)', record.image_id, current,
+                              placement.parent, e)
+                    return
+            if placement.parent == current and record.source == source:
+                return
+        self._submit(entry, 'reparent', self._reparent, entry, placement,
+                     source)
 
-    def _reparent(self, entry, placement):
+    def _reparent(self, entry, placement, source):
         with self._exclusive(entry, 'reparent', self._deadline(SHARED_WAIT)):
             with entry.cond:
                 record = entry.record
@@ -1109,11 +1146,6 @@ class AgentManager:
                     return
                 old = record.relay.parent
                 view = entry.view()
-            if placement.parent == ORIGIN:
-                source = records.Source.origin(view.origin)
-            else:
-                source = self.driver.parent_source(
-                    placement.parent, placement.address, view.image_id)
             started = self._clock()
             driver_state = self.driver.set_sources(view, self._tdir(view),
                                                    [source])

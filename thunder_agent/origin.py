@@ -4,6 +4,14 @@ The server is a qemu-storage-daemon exporting the file through its format
 driver (raw or qcow2), so templates always see the image's raw contents.
 ``thunder-origin`` (:mod:`thunder_agent.cmd.origin`) runs one; to serve
 inside a network namespace, run that command there (``ip netns exec``).
+
+The image is the tenant's: before the daemon opens it, it is inspected as
+the agent inspects its file origins (:func:`thunder_agent.image_check.
+check_file`: the declared format, no backing or data file), and the qcow2
+node is opened with ``backing: null`` all the same. The NBD server takes an
+explicit number of clients (QEMU's ``max-connections``, 100 by default in
+this QEMU): each host reading the origin directly holds one connection per
+template, and a client beyond the cap waits unanswered until one leaves.
 """
 
 import json
@@ -11,13 +19,23 @@ import os
 
 from thunder_agent import exception
 from thunder_agent.drivers.qemu import storage_daemon
+from thunder_agent import image_check
+
+# Clients an origin serves at once: one per host that reads it directly
+# (every host without relay; the tree's first level with it), plus their
+# probes.
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 class OriginServer:
     def __init__(self, image_path, image_format, export, listen, run_path,
-                 name=None, executable='qemu-storage-daemon'):
+                 name=None, executable='qemu-storage-daemon',
+                 max_connections=DEFAULT_MAX_CONNECTIONS, probe_runner=None):
         """*listen* is ``{'type': 'unix', 'path': P}`` or
-        ``{'type': 'inet', 'host': H, 'port': N}``."""
+        ``{'type': 'inet', 'host': H, 'port': N}``; *probe_runner*
+        replaces the unprivileged qemu-img run of the format probe in
+        tests."""
+        self._probe_runner = probe_runner
         if image_format not in ('raw', 'qcow2'):
             raise exception.UnsupportedFormat(image_format=image_format,
                                               supported='raw, qcow2')
@@ -27,6 +45,11 @@ class OriginServer:
         self.image_path = os.path.realpath(image_path)
         self.image_format = image_format
         self.export = export
+        if isinstance(max_connections, bool) or not isinstance(
+                max_connections, int) or max_connections < 1:
+            raise exception.InvalidInput(
+                reason='max_connections must be a positive integer')
+        self.max_connections = max_connections
         self.listen = dict(listen)
         if self.listen.get('type') == 'inet':
             self.listen['port'] = str(self.listen['port'])
@@ -34,6 +57,11 @@ class OriginServer:
             name or 'origin-%s' % export, run_path, executable)
 
     def start(self):
+        """Inspect the image (UnsafeImage), then serve it."""
+        image_check.check_file(
+            self.image_path, self.image_format, self.export,
+            lambda head, label: image_check.probe_with_qemu(
+                head, label, run=self._probe_runner))
         blockdevs = [
             {'driver': 'file', 'node-name': 'image-file',
              'filename': self.image_path, 'read-only': True},
@@ -50,7 +78,8 @@ class OriginServer:
         args += ['--export', json.dumps({
             'type': 'nbd', 'id': 'origin', 'node-name': 'image',
             'name': self.export, 'writable': False})]
-        self.daemon.start(nbd_server=self.listen, extra_args=args)
+        self.daemon.start(nbd_server=self.listen, extra_args=args,
+                          max_connections=self.max_connections)
         return self
 
     def stop(self):

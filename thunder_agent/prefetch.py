@@ -625,6 +625,12 @@ class FullPrefetcher(Prefetcher):
 
     :param rate: average bytes per second (a token bucket with bursts of
         one chunk).
+    :param max_rate: the agent's cap (``[prefetch] max_rate_mb``) in bytes
+        per second: a faster *rate* is clamped to it, and the status says
+        so (``clamped``). A full prefetch makes the template fetch the
+        whole image from its source; the cap bounds what one request (an
+        operator's, or a default of "as fast as possible") costs that
+        link.
     :param chunk: request size.
     :param foreground: optional callable returning the cumulative bytes
         served to foreground readers; while they exceed
@@ -639,13 +645,27 @@ class FullPrefetcher(Prefetcher):
     def __init__(self, address, size, rate, chunk=4 * MIB, concurrency=2,
                  foreground=None, yield_threshold=1 * MIB, window=1.0,
                  pause=0.5, skip=(), method='auto', progress=None,
-                 clock=time.monotonic, sleep=None, connect=None):
+                 clock=time.monotonic, sleep=None, connect=None,
+                 max_rate=None):
         super().__init__(address, method, concurrency, progress, clock,
                          connect)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise exception.InvalidInput(reason='size must be positive')
         if pause <= 0:
             raise exception.InvalidInput(reason='pause must be positive')
+        if max_rate is not None:
+            if isinstance(max_rate, bool) or not isinstance(
+                    max_rate, (int, float)) or max_rate <= 0:
+                raise exception.InvalidInput(
+                    reason='max_rate must be a positive number of bytes/s, '
+                           'got %r' % (max_rate,))
+        clamped = (max_rate is not None and isinstance(rate, (int, float))
+                   and not isinstance(rate, bool) and rate > max_rate)
+        if clamped:
+            LOG.info('Full prefetch from %s asked for %.1f MiB/s; it runs '
+                     'at the cap of %.1f MiB/s', address, rate / MIB,
+                     max_rate / MIB)
+            rate = max_rate
         self.size = size
         self.pacer = Pacer(rate, burst=chunk, clock=clock)
         self.gate = (ForegroundGate(foreground, yield_threshold, window,
@@ -657,7 +677,7 @@ class FullPrefetcher(Prefetcher):
         self._status.update(
             bytes_total=sum(length for _, length in self.requests),
             requests_total=len(self.requests), yielded_s=0.0,
-            rate_bps=8 * rate)
+            rate_bps=8 * rate, clamped=clamped)
 
     def _cancellable_sleep(self, seconds):
         self._cancel.wait(seconds)

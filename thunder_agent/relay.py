@@ -26,6 +26,7 @@ from thunder_agent.coordinator import validation as coordinator_validation
 from thunder_agent import exception
 from thunder_agent import records
 from thunder_agent import rpc
+from thunder_agent import validation
 
 LOG = logging.getLogger(__name__)
 
@@ -88,6 +89,14 @@ def placement(answer, node):
     return Placement(parent, address, kids)
 
 
+def shared_origin(origin):
+    """*origin* as the coordinator gets it: without its secrets (an
+    iSCSI origin's CHAP password). The coordinator never opens an origin;
+    it keeps the value, shows it in get_tree and hands it back in answers,
+    which the agent ignores for the origin (it reads its own record's)."""
+    return validation.describe_origin(origin.to_dict())
+
+
 class RelayMember:
     def __init__(self, conf, api=None, clock=time.monotonic):
         self.conf = conf
@@ -138,7 +147,8 @@ class RelayMember:
         if self.coordinator_down:
             raise CoordinatorUnavailable('coordinator known to be down')
         answer = self._call('join', self.conf.relay.join_timeout, image_id,
-                            self.node, address.to_dict(), origin.to_dict())
+                            self.node, address.to_dict(),
+                            shared_origin(origin))
         return placement(answer, self.node)
 
     def heartbeat(self, members):
@@ -146,7 +156,7 @@ class RelayMember:
         state)]``); returns ``{image_id: Placement}`` for the answers that
         are well formed (a malformed one is logged and skipped)."""
         report = {image_id: {'address': address.to_dict(),
-                             'origin': origin.to_dict(),
+                             'origin': shared_origin(origin),
                              'parents': [parent], 'state': state}
                   for image_id, address, origin, parent, state in members}
         answers = self._call('heartbeat', self.conf.coordinator.rpc_timeout,

@@ -37,6 +37,12 @@ def agent_factory(rabbit, workdir, qemu_tools):
     def make(name='agent', **kwargs):
         kwargs.setdefault('file_origin_dirs', [os.path.join(workdir,
                                                             'images')])
+        # The origin fixture's socket is in workdir.
+        options = {group: dict(values) for group, values in
+                   (kwargs.pop('options', None) or {}).items()}
+        options.setdefault('agent', {}).setdefault('origin_socket_dirs',
+                                                   workdir)
+        kwargs['options'] = options
         agent = agent_mod.AgentProcess(
             rabbit.transport_url, os.path.join(workdir, name),
             host='%s-%s' % (name, uuid.uuid4().hex[:8]), **kwargs)

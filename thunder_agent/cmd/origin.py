@@ -36,15 +36,24 @@ def main(argv=None):
     parser.add_argument('--listen', required=True, type=_listen,
                         help='unix:PATH or tcp:HOST:PORT')
     parser.add_argument('--run-path', default='/run/thunder-origin')
+    parser.add_argument(
+        '--max-connections', type=int,
+        default=origin.DEFAULT_MAX_CONNECTIONS,
+        help='NBD clients served at once (default %(default)s): one per '
+             'host reading the origin directly; one more waits unanswered '
+             'until one leaves')
     args = parser.parse_args(argv)
+    if args.max_connections < 1:
+        parser.error('--max-connections must be at least 1')
     # Handlers first: a signal while the server starts must still stop it
     # (its daemon is not our child and would outlive us).
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *a: done.set())
     try:
-        server = origin.OriginServer(args.image, args.format, args.export,
-                                     args.listen, args.run_path).start()
+        server = origin.OriginServer(
+            args.image, args.format, args.export, args.listen,
+            args.run_path, max_connections=args.max_connections).start()
     except exception.ThunderException as e:
         print('thunder-origin: %s' % e, file=sys.stderr)
         return 2

@@ -106,7 +106,13 @@ class Driver(metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def parent_source(self, node, address, image_id):
         """The :class:`~thunder_agent.records.Source` that reads the export
-        of parent *node* at *address* (from the coordinator, validated)."""
+        of parent *node* at *address*.
+
+        The address comes from another host through the coordinator: the
+        driver checks it against its own rules (networks, ports, export
+        name) and raises InvalidAddress (an InvalidInput) for one this host
+        must not use. The one exception to "drivers never raise for bad
+        input": only the driver knows its transport's rules."""
 
     @abc.abstractmethod
     def probe_source(self, source, image_format):

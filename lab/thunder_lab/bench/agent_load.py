@@ -638,6 +638,10 @@ class Bench:
             known, 'bench-agent-%s' % suffix, self.broker.transport_url,
             os.path.join(self.workdir, 'agent'), self.coordinator_topic,
             free_port_range(len(all_ids) + 4), self.options)
+        if 'agent.origin_socket_dirs' in known:
+            # A tree with origin allow-lists reads the origin's socket
+            # only once its directory is listed.
+            groups['agent'].setdefault('origin_socket_dirs', self.workdir)
         os.makedirs(os.path.join(self.workdir, 'agent'))
         self.wait_option, self.wait_s, self.wait_note = coordinator_wait(
             known, groups)

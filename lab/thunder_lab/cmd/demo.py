@@ -70,14 +70,19 @@ def main(argv=None):
         os.makedirs(image_dir, exist_ok=True)
         path = images.make_image(os.path.join(image_dir, 'demo.raw'), size)
         _say('serving it from an origin (qemu-storage-daemon, NBD)')
+        # The agent reads origins only where it is told to, and refuses a
+        # socket directory that anyone may write to (--workdir /tmp).
+        sockets = os.path.join(workdir, 'origin-socket')
+        os.makedirs(sockets, mode=0o700, exist_ok=True)
         origin = origin_mod.OriginServer(
             path, 'raw', image_id,
-            {'type': 'unix', 'path': os.path.join(workdir, 'origin.sock')},
+            {'type': 'unix', 'path': os.path.join(sockets, 'origin.sock')},
             os.path.join(workdir, 'origin-run')).start()
         _say('starting thunder-agent (qemu backend)')
-        agent = agent_mod.AgentProcess(broker.transport_url,
-                                       os.path.join(workdir, 'agent'),
-                                       host='demo-node').start()
+        agent = agent_mod.AgentProcess(
+            broker.transport_url, os.path.join(workdir, 'agent'),
+            host='demo-node',
+            options={'agent': {'origin_socket_dirs': sockets}}).start()
         extents = working_set(size, args.working_set)
         rows = []
         for vm in ('vm-1', 'vm-2'):

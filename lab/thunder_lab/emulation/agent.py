@@ -1,6 +1,7 @@
 """Run a real ``thunder-agent`` process against a given broker."""
 
 import os
+import shlex
 import signal
 
 from oslo_config import cfg
@@ -9,12 +10,21 @@ from thunder_agent import rpc
 from thunder_agent.rpc import api
 from thunder_lab.emulation import service_process
 
+PRIVSEP_SECTIONS = ('thunder_agent_privileged', 'privsep_osbrick')
+
 
 class AgentProcess(service_process.ServiceProcess):
     """A thunder-agent subprocess with its own config, state and run dirs.
 
     ``workdir`` should be short (unix socket paths are limited to 107
     bytes). Extra options go in ``options`` as {group: {name: value}}.
+
+    ``privsep_helper``: path of a ``privsep-helper`` to run directly
+    instead of through sudo, for an agent that runs as root already (the
+    QEMU guest). oslo.privsep appends ``--privsep_context`` and
+    ``--privsep_sock_path`` to a configured helper_command but, unlike to
+    its sudo default, no ``--config-file``: it is added here, so that the
+    helper logs where the agent does.
     """
 
     module = 'thunder_agent.cmd.agent'
@@ -22,9 +32,10 @@ class AgentProcess(service_process.ServiceProcess):
 
     def __init__(self, transport_url, workdir, host='thunder-test-host',
                  file_origin_dirs=(), backend='qemu', options=None,
-                 netns=None):
+                 netns=None, log_dir=None, privsep_helper=None):
         self.transport_url = transport_url
         self.host = host
+        self.privsep_helper = privsep_helper
         self.state_path = os.path.join(workdir, 'state')
         self.run_path = os.path.join(workdir, 'run')
         groups = {
@@ -37,8 +48,17 @@ class AgentProcess(service_process.ServiceProcess):
         }
         for group, values in (options or {}).items():
             groups.setdefault(group, {}).update(values)
-        super().__init__(workdir, groups, netns=netns)
+        super().__init__(workdir, groups, netns=netns, log_dir=log_dir)
         self._client = None
+
+    def complete_groups(self, groups):
+        if self.privsep_helper:
+            # oslo.privsep splits it with shlex.
+            command = ' '.join(shlex.quote(a) for a in (
+                self.privsep_helper, '--config-file', self.conf_file))
+            # The agent's own context and os-brick's.
+            for section in PRIVSEP_SECTIONS:
+                groups.setdefault(section, {})['helper_command'] = command
 
     @property
     def client(self):

@@ -18,7 +18,7 @@ class CoordinatorProcess(service_process.ServiceProcess):
     name = 'thunder-coordinator'
 
     def __init__(self, transport_url, workdir, host='thunder-coordinator',
-                 topic=None, options=None):
+                 topic=None, options=None, log_dir=None):
         self.transport_url = transport_url
         self.host = host
         self.topic = topic or 'thunder-coordinator'
@@ -28,7 +28,7 @@ class CoordinatorProcess(service_process.ServiceProcess):
         }
         for group, values in (options or {}).items():
             groups.setdefault(group, {}).update(values)
-        super().__init__(workdir, groups)
+        super().__init__(workdir, groups, log_dir=log_dir)
         self._client = None
         self._transport = None
 

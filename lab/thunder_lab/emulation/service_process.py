@@ -14,19 +14,27 @@ class ServiceProcess:
     answers once the daemon serves). ``groups`` is {group: {name: value}}
     for the config file. The process runs in its own session so that
     :meth:`kill` takes anything it forked with it, as a crash would.
+
+    ``log_dir`` (default: ``workdir``) receives the log and the config
+    file, e.g. a results directory kept after the run. Several daemons
+    start in parallel with :meth:`spawn` on each, then :meth:`wait_ready`
+    on each (Python's start-up is slow where the CPU is emulated).
     """
 
     module = None
     name = None
 
-    def __init__(self, workdir, groups, netns=None):
+    def __init__(self, workdir, groups, netns=None, log_dir=None):
         self.workdir = workdir
         self.netns = netns
-        self.log_file = os.path.join(workdir, self.name + '.log')
-        self.conf_file = os.path.join(workdir, self.name + '.conf')
+        log_dir = log_dir or workdir
+        self.log_file = os.path.join(log_dir, self.name + '.log')
+        self.conf_file = os.path.join(log_dir, self.name + '.conf')
         groups.setdefault('DEFAULT', {}).update(
             log_file=self.log_file, debug='true')
+        self.complete_groups(groups)
         os.makedirs(workdir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
         with open(self.conf_file, 'w') as f:
             for group, values in groups.items():
                 f.write('[%s]\n' % group)
@@ -34,10 +42,19 @@ class ServiceProcess:
                     f.write('%s = %s\n' % (key, value))
         self.proc = None
 
+    def complete_groups(self, groups):
+        """Last changes to the options before they are written (the
+        paths of the log and config file are known by then)."""
+
     def ping(self):
         raise NotImplementedError
 
     def start(self, timeout=60):
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self):
+        """Start the process; returns at once (see :meth:`wait_ready`)."""
         cmd = [sys.executable, '-m', self.module,
                '--config-file', self.conf_file]
         if self.netns:
@@ -47,6 +64,11 @@ class ServiceProcess:
                                          stdout=subprocess.DEVNULL,
                                          stderr=stderr,
                                          start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout=60):
+        """Wait until :meth:`ping` answers; kill the process and raise
+        RuntimeError if it exits or does not answer within *timeout*."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -183,6 +183,11 @@ class ThunderCluster:
             os.path.join(self.workdir, 'origin')).start()
         for host in self.cluster.hosts:
             options = {
+                # Origins on the origin host only (any port: it runs
+                # nothing but origins, e.g. the benchmark's per run).
+                'agent': {'nbd_origin_networks':
+                          '%s/32' % self.cluster.origin.address,
+                          'nbd_origin_ports': '1-65535'},
                 'relay': {'enabled': 'true',
                           'listen_address': host.address},
                 'coordinator': {'topic': topic, 'rpc_timeout': 10},

@@ -128,7 +128,8 @@ def test_eviction_is_lru_and_spares_templates_in_use(
     ids = {n: str(uuid.uuid4()) for n in names}
     origins = {}
     for n in names:
-        path = make_image(os.path.join(images, n + '.raw'), size,
+        # File origins are "<dir>/<image id>" ([agent] file_origin_dirs).
+        path = make_image(os.path.join(images, ids[n]), size,
                           seed=n.encode())
         origins[n] = {'driver_volume_type': 'file', 'data': {'path': path}}
 

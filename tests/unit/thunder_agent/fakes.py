@@ -48,6 +48,7 @@ class FakeDriver(base.Driver):
         self.healthy = {}        # image id -> bool
         self.usage = {}          # image id -> bytes
         self.users = {}          # instance id -> sentence
+        self.refused_hosts = set()   # parent hosts parent_source refuses
         self.templates = {}      # image id -> sources (the "data plane")
         self.snapshot_layers = {}
         self.next_port = 10810
@@ -100,6 +101,9 @@ class FakeDriver(base.Driver):
                     return address
 
     def parent_source(self, node, address, image_id):
+        if address.host in self.refused_hosts:
+            raise exception.InvalidAddress(address=address.to_dict(),
+                                           reason='outside peer_networks')
         return records.Source(node, records.Endpoint(
             'nbd', {'host': address.host, 'port': address.port,
                     'export': address.export}))

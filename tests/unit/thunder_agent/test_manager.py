@@ -33,6 +33,10 @@ def conf(tmp_path):
     conf.set_override('state_path', str(tmp_path / 'state'), group='agent')
     conf.set_override('background_workers', 8, group='agent')
     conf.set_override('prepare_timeout', 30, group='agent')
+    # The fakes' origin server (fakes.ORIGIN), on any port.
+    conf.set_override('nbd_origin_networks', ['192.0.2.0/24'],
+                      group='agent')
+    conf.set_override('nbd_origin_ports', '1-65535', group='agent')
     conf.set_override('parent_ready_timeout', 0.3, group='relay')
     return conf
 
@@ -214,6 +218,27 @@ def test_mismatch_names_the_field_without_secrets(conf):
     assert 'TopSecret0123456' not in str(info.value)
 
 
+def test_status_shows_the_origin_without_its_secret(conf):
+    h = Harness(conf)
+    # An iSCSI origin keeps its CHAP secret (the fake reads any origin).
+    h.driver.check_origin = lambda origin: None
+    image_id = new_id()
+    origin = {'driver_volume_type': 'iscsi', 'data': {
+        'target_portal': '192.0.2.1:3260', 'target_iqn': 'iqn.2010-10.x:y',
+        'target_lun': 1, 'auth_method': 'CHAP', 'auth_username': 'u',
+        'auth_password': 'TopSecret0123456'}}
+    answer = h.manager.prepare_template(image_id, origin, fakes.SIZE, 'raw')
+    status = h.manager.get_status()
+    for text in (repr(answer), repr(status)):
+        assert 'TopSecret0123456' not in text
+    shown = status['templates'][0]['origin']['data']
+    assert shown['target_portal'] == '192.0.2.1:3260'
+    assert shown['auth_password'] == '***'
+    # The record keeps it: the driver logs in with it.
+    assert record_on_disk(conf, 'templates', image_id)['origin']['data'][
+        'auth_password'] == 'TopSecret0123456'
+
+
 # -- relay tree -------------------------------------------------------------
 
 def test_dead_coordinator_costs_one_join_timeout_then_nothing(conf):
@@ -271,6 +296,27 @@ def test_parent_that_does_not_serve_is_reported_and_origin_read(conf):
     h.drain()
     assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
         h.api.log
+
+
+def test_parent_at_a_refused_address_is_reported_and_origin_read(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '203.0.113.7',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.driver.refused_hosts.add('203.0.113.7')
+    h.prepare(image_id)
+    assert h.manager.templates[image_id].record.source.is_origin
+    h.drain()
+    assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
+        h.api.log
+    # The same parent in a heartbeat answer moves nothing either.
+    h.api.parents[image_id] = ('node-b', {'host': '203.0.113.7',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.calls['set_sources'] == 0
 
 
 def test_heartbeat_answer_moves_the_template_and_sets_children(conf):
@@ -559,12 +605,43 @@ def test_repair_on_a_dead_parent_falls_back_to_the_origin(conf):
         return fakes.base.TemplateBuild(h.driver._export(template), None)
     h.driver.ensure_template = ensure
     h.driver.healthy[image_id] = False
+    h.driver.answers['node-b'] = False
     h.manager.housekeeping()
     h.drain()
     assert calls == ['node-b', records.ORIGIN]
     assert h.manager.templates[image_id].record.source.is_origin
     assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
         h.api.log
+
+
+def test_repair_failing_under_a_serving_parent_keeps_the_parent(conf):
+    # This host's own export failed (its tgtd died): the parent still
+    # answers, so the template neither moves to the origin nor reports
+    # it, even when the parent is too slow to list its targets.
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    h.driver.fail['ensure_template'] = exception.BackendError(
+        reason='tgtd is not reachable')
+    h.driver.ready['node-b'] = False
+    h.driver.healthy[image_id] = False
+    h.manager.housekeeping()
+    h.drain()
+    assert h.driver.calls['ensure_template'] == 1
+    record = h.manager.templates[image_id].record
+    assert record.source.node == 'node-b'
+    assert record.relay.parent == 'node-b'
+    assert 'report_parent_failure' not in h.api.calls
+    # Once the export can be made again, the next round repairs it.
+    del h.driver.fail['ensure_template']
+    h.manager.housekeeping()
+    h.drain()
+    assert h.driver.calls['ensure_template'] == 2
+    assert h.driver.templates[image_id][0].node == 'node-b'
+    assert 'report_parent_failure' not in h.api.calls
 
 
 # -- periodic work ----------------------------------------------------------
@@ -584,6 +661,25 @@ def test_flush_skips_busy_templates_and_runs_in_the_background(conf):
     gate.set()
     h.drain()
     assert h.driver.calls['flush_template'] == 2
+
+
+def test_flush_of_a_template_an_exclusive_operation_waits_for_is_skipped(
+        conf, caplog):
+    # A re-parent waiting for the template: the flush queued just before
+    # gives way quietly (no error, no traceback) and flushes next time.
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    entry = h.manager.templates[image_id]
+    entry.exclusive_waiting = 1
+    h.manager.flush()
+    h.drain()
+    assert h.driver.calls['flush_template'] == 0
+    assert not [r for r in caplog.records if r.levelname == 'ERROR']
+    entry.exclusive_waiting = 0
+    h.manager.flush()
+    h.drain()
+    assert h.driver.calls['flush_template'] == 1
 
 
 def test_status_reads_without_blocking_on_a_busy_template(conf):

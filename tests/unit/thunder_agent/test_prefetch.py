@@ -367,9 +367,42 @@ def test_full_prefetch_cancel_while_yielding():
     assert handle.issued == []
 
 
+def test_full_prefetch_over_the_cap_is_clamped_to_it():
+    """A request for "as fast as possible" (the agent asks 2**20 MiB/s
+    when no rate is given) runs at [prefetch] max_rate_mb."""
+    clock = FakeClock()
+    handle = FakeHandle(size=64 * MIB, per_poll=2)
+    engine = prefetch.FullPrefetcher(
+        ADDRESS, 64 * MIB, rate=(1 << 20) * MIB, chunk=4 * MIB,
+        concurrency=2, clock=clock, sleep=clock.sleep,
+        connect=lambda: handle, max_rate=16 * MIB)
+    start = clock.now
+    status = engine.run()
+    assert status['state'] == 'done'
+    assert status['bytes_done'] == 64 * MIB
+    # Paced at the cap: 64 MiB at 16 MiB/s with one chunk of burst.
+    assert clock.now - start == pytest.approx(60 / 16)
+    assert status['rate_bps'] == 8 * 16 * MIB
+    assert status['clamped'] is True
+
+
+def test_full_prefetch_under_the_cap_keeps_its_rate():
+    clock = FakeClock()
+    handle = FakeHandle(size=16 * MIB, per_poll=2)
+    engine = prefetch.FullPrefetcher(
+        ADDRESS, 16 * MIB, rate=4 * MIB, chunk=4 * MIB, clock=clock,
+        sleep=clock.sleep, connect=lambda: handle, max_rate=16 * MIB)
+    start = clock.now
+    status = engine.run()
+    assert clock.now - start == pytest.approx(12 / 4)
+    assert status['rate_bps'] == 8 * 4 * MIB
+    assert status['clamped'] is False
+
+
 @pytest.mark.parametrize('kwargs', [
     {'concurrency': 0}, {'concurrency': 65}, {'method': 'magic'},
-    {'size': 0}, {'rate': 0}, {'pause': 0},
+    {'size': 0}, {'rate': 0}, {'pause': 0}, {'max_rate': 0},
+    {'max_rate': -1}, {'max_rate': True}, {'max_rate': '10'},
 ])
 def test_full_prefetch_refuses_bad_arguments(kwargs):
     args = dict(size=MIB, rate=MIB)

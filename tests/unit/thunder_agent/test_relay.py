@@ -94,3 +94,34 @@ def test_leave_of_a_node_the_coordinator_forgot(member):
         raise exception.NodeNotInTree(node=node, image_id=image_id)
     member.api.leave = leave
     assert member.leave(IMAGE) == []
+
+
+def test_the_origin_secret_never_goes_to_the_coordinator(member):
+    secret = 'origin-chap-secret-0123456789'
+    origin = records.Endpoint('iscsi', {
+        'target_portal': '192.0.2.1:3260', 'target_iqn': 'iqn.2010-10.x:y',
+        'target_lun': 1, 'auth_method': 'CHAP', 'auth_username': 'u',
+        'auth_password': secret})
+    sent = []
+
+    def join(image_id, node, address, origin, timeout=None):
+        sent.append(origin)
+        return {'parents': [origin]}
+
+    def heartbeat(node, templates, timeout=None):
+        sent.extend(t['origin'] for t in templates.values())
+        return {image_id: {'parents': [t['origin']]}
+                for image_id, t in templates.items()}
+    member.api.join = join
+    member.api.heartbeat = heartbeat
+    assert member.join(IMAGE, ADDRESS, origin).parent == records.ORIGIN
+    assert member.heartbeat([(IMAGE, ADDRESS, origin, records.ORIGIN,
+                              'ready')])[IMAGE].parent == records.ORIGIN
+    assert len(sent) == 2
+    for value in sent:
+        assert secret not in repr(value)
+        # Everything else the coordinator may show is there.
+        assert value['data']['target_portal'] == '192.0.2.1:3260'
+        assert value['data']['auth_password'] == '***'
+    # The record keeps its secret: the agent logs in with it.
+    assert origin.data['auth_password'] == secret

@@ -3,8 +3,8 @@
 Per template, one qemu-storage-daemon (one failure domain, one process to
 restart, its own NBD server) holds::
 
-    export "<image_id>"  (NBD, read-only: unix socket <run_path>/<id>.nbd,
-      |                   or TCP on the relay address when it relays)
+    export "<image_id>"  (NBD, read-only, unix socket <run_path>/<id>.nbd)
+      |
     copy-on-read filter "template"
       qcow2 "cache"  (file <state>/templates/<id>/cache.qcow2)
         backing: format node "origin" over protocol node "source"
@@ -17,10 +17,28 @@ A relaying template's "source" node reads the local forwarder of
 parent: re-parenting swaps the forwarder, QEMU's NBD client reconnects and
 the graph never changes.
 
+A relaying template's children reach it on its relay address through the
+relay listener of :mod:`~thunder_agent.drivers.qemu.upstream` (socat on
+TCP, forwarding to the unix socket): QEMU 7.2 has one NBD server per
+process with one listening address, and its ``max-connections`` counts all
+of that server's clients, so the daemon listens on its unix socket only and
+TCP strangers can take the listener's ``[qemu] relay_connections`` slots,
+never those of local VMs (``local_connections``) or of the agent's own
+flushes and prefetches. (Templates built before this layout listen on TCP
+themselves and keep doing so while their record says so: running VMs use
+that address.)
+
 A snapshot is a qcow2 overlay file whose backing is the template's NBD
 export; the VM's QEMU opens it directly, so VM writes never pass through
 the agent or the template daemon, and the NBD client's reconnect delay
 carries the VM over a template daemon restart.
+
+Everything that names a source is checked before any use (:meth:`QemuDriver.
+_endpoint`): a parent (from the coordinator, over RabbitMQ) must be an IP
+address literal in ``[relay] peer_networks`` with a port of ``port_min..
+port_max`` exporting the image under its id; the origin is the template's
+own. Image content is checked by :mod:`thunder_agent.image_check` before a
+graph opens it, and every qcow2 node is opened with ``backing: null``.
 
 Every wait is bounded by an option: daemon start and monitor commands by
 ``[qemu] start_timeout`` (30 s), qemu-img runs by ``command_timeout``
@@ -46,8 +64,10 @@ from thunder_agent import exception
 from thunder_agent.drivers import base
 from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent.drivers.qemu import upstream
+from thunder_agent import image_check
 from thunder_agent import prefetch
 from thunder_agent import records
+from thunder_agent import validation
 
 LOG = logging.getLogger(__name__)
 
@@ -75,6 +95,25 @@ def run_command(args, timeout, pass_fds=()):
                    % args[0])
 
 
+def interface_networks(address):
+    """The networks the host's interfaces have IP address *address* on
+    (``127.0.0.0/8`` for ``127.0.0.1`` on ``lo``), from the kernel's
+    address table of this network namespace."""
+    from pyroute2 import IPRoute
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    found = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=family):
+            for key in ('IFA_LOCAL', 'IFA_ADDRESS'):
+                value = msg.get_attr(key)
+                if value and ipaddress.ip_address(value) == ip:
+                    found.add(ipaddress.ip_network(
+                        '%s/%d' % (ip, msg['prefixlen']), strict=False))
+                    break
+    return sorted(found, key=str)
+
+
 class _Timeout(Exception):
     """An NBD step did not finish by its deadline."""
 
@@ -87,11 +126,13 @@ class QemuDriver(base.Driver):
     """Templates as qemu-storage-daemon graphs, snapshots as qcow2 overlays.
 
     The keyword arguments replace the process boundary in unit tests:
-    *daemon_factory* and *upstream_factory* build
-    :class:`~storage_daemon.StorageDaemon` and
-    :class:`~upstream.Upstream` lookalikes, *runner* runs qemu-img like
-    :func:`run_command`, *nbd_factory* makes libnbd handles and *clock*
-    measures deadlines.
+    *daemon_factory*, *upstream_factory* and *listener_factory* build
+    :class:`~storage_daemon.StorageDaemon`, :class:`~upstream.Upstream` and
+    :class:`~upstream.RelayListener` lookalikes, *runner* runs qemu-img
+    like :func:`run_command`, *nbd_factory* makes libnbd handles, *clock*
+    measures deadlines, *networks* answers :func:`interface_networks` and
+    *probe_runner* runs the unprivileged format probe like
+    :func:`thunder_agent.image_check.run_unprivileged`.
     """
 
     name = 'qemu'
@@ -99,7 +140,9 @@ class QemuDriver(base.Driver):
     ready_poll_interval = 0.05
 
     def __init__(self, conf, daemon_factory=None, upstream_factory=None,
-                 runner=None, nbd_factory=None, clock=time.monotonic):
+                 runner=None, nbd_factory=None, clock=time.monotonic,
+                 listener_factory=None, networks=interface_networks,
+                 probe_runner=None):
         super().__init__(conf)
         self.run_path = conf.agent.run_path
         self.qemu_img = conf.qemu.qemu_img
@@ -107,9 +150,13 @@ class QemuDriver(base.Driver):
         self.cluster_size = conf.cache.cluster_size
         self._daemon_factory = daemon_factory or storage_daemon.StorageDaemon
         self._upstream_factory = upstream_factory or upstream.Upstream
+        self._listener_factory = listener_factory or upstream.RelayListener
         self._runner = runner or run_command
         self._nbd = nbd_factory or nbd.NBD
         self._clock = clock
+        self._networks = networks
+        self._probe_runner = probe_runner
+        self._peer_networks = None
 
     def start(self):
         os.makedirs(self.run_path, mode=0o750, exist_ok=True)
@@ -123,6 +170,9 @@ class QemuDriver(base.Driver):
     def _upstream(self, image_id):
         return self._upstream_factory(image_id, self.run_path)
 
+    def _relay_listener(self, image_id):
+        return self._listener_factory(image_id, self.run_path)
+
     def _socket(self, image_id):
         return os.path.join(self.run_path, image_id + '.nbd')
 
@@ -130,9 +180,34 @@ class QemuDriver(base.Driver):
     def _relay_of(template):
         return template.export.relay if template.export else None
 
+    @staticmethod
+    def _tcp_daemon(template):
+        """True for a relaying template of the layout before the relay
+        listener, whose daemon listens on TCP itself: its record's local
+        export is host and port, which running VMs use."""
+        return bool(template.export and template.export.relay
+                    and 'host' in (template.export.local or {}))
+
+    def _listens(self, template):
+        """True when the template's children reach it through a relay
+        listener."""
+        return (self._relay_of(template) is not None
+                and not self._tcp_daemon(template))
+
+    def _relay_cap(self):
+        return (self.conf.qemu.relay_connections
+                or 2 * self.conf.coordinator.fan_out + 4)
+
+    def _server_cap(self, template):
+        """QEMU max-connections of the template daemon's NBD server."""
+        cap = self.conf.qemu.local_connections
+        if self._relay_of(template) is not None:
+            cap += self._relay_cap()
+        return cap
+
     def _local(self, template):
-        relay = self._relay_of(template)
-        if relay is not None:
+        if self._tcp_daemon(template):
+            relay = template.export.relay
             return {'host': relay.host, 'port': relay.port,
                     'export': template.image_id}
         return {'socket': self._socket(template.image_id),
@@ -150,11 +225,32 @@ class QemuDriver(base.Driver):
         return self._local(template)
 
     def _listener(self, template):
-        relay = self._relay_of(template)
-        if relay is not None:
+        if self._tcp_daemon(template):
+            relay = template.export.relay
             return {'type': 'inet', 'host': relay.host,
                     'port': str(relay.port)}
         return {'type': 'unix', 'path': self._socket(template.image_id)}
+
+    def _listener_args(self, template):
+        """RelayListener.start/points_at arguments of the template."""
+        relay = template.export.relay
+        family = ipaddress.ip_address(relay.host).version
+        networks = [n for n in self._peers() if n.version == family]
+        if len(networks) != 1:
+            # socat takes one range; several would need a firewall.
+            LOG.warning('Template %s: the relay listener accepts children '
+                        'from anywhere: %d networks of [relay] '
+                        'peer_networks are IPv%d', template.image_id,
+                        len(networks), family)
+        return (relay.host, relay.port, self._socket(template.image_id),
+                self._relay_cap(),
+                networks[0] if len(networks) == 1 else None)
+
+    def _ensure_relay_listener(self, template):
+        listener = self._relay_listener(template.image_id)
+        args = self._listener_args(template)
+        if not listener.points_at(*args):
+            listener.start(*args)
 
     def _forwards(self, template):
         """True when the template reads through a forwarder: it relays and
@@ -163,7 +259,8 @@ class QemuDriver(base.Driver):
                 and template.source.endpoint.driver_volume_type == 'nbd')
 
     def _ensure_forwarder(self, template):
-        endpoint = template.source.endpoint
+        endpoint = self._endpoint(template.source, template.image_id,
+                                  template.origin)
         up = self._upstream(template.image_id)
         if not up.points_at(endpoint):
             up.start(endpoint)
@@ -172,12 +269,99 @@ class QemuDriver(base.Driver):
     def _graph_endpoint(self, template):
         """The endpoint the block graph reads: for a relaying template the
         local forwarder (which points at the current parent)."""
-        endpoint = template.source.endpoint
+        endpoint = self._endpoint(template.source, template.image_id,
+                                  template.origin)
         if not self._forwards(template):
             return endpoint
         up = self._ensure_forwarder(template)
         return records.Endpoint('nbd', {'socket': up.socket,
                                         'export': template.image_id})
+
+    # -- addresses from other hosts ---------------------------------------
+    def _peers(self):
+        """[relay] peer_networks, or the network(s) [relay] listen_address
+        is on (looked up until found, then kept)."""
+        if self.conf.relay.peer_networks:
+            return [ipaddress.ip_network(n) for n in
+                    self.conf.relay.peer_networks]
+        if self._peer_networks is None:
+            host = self.conf.relay.listen_address
+            try:
+                found = self._networks(host)
+            except (ValueError, OSError) as e:
+                LOG.error('Cannot find the network of [relay] '
+                          'listen_address %s: %s', host, e)
+                found = []
+            if not found:
+                LOG.error('[relay] listen_address %s is on no interface: '
+                          'no parent is accepted until it is (or [relay] '
+                          'peer_networks is set)', host)
+                return []
+            LOG.info('Relay peers are accepted from %s (the network of '
+                     '[relay] listen_address)',
+                     ', '.join(str(n) for n in found))
+            self._peer_networks = found
+        return self._peer_networks
+
+    def _parent_data(self, image_id, host, port, export):
+        """The NBD address of a parent's export, checked, or
+        InvalidAddress. *image_id* None: any image id as export."""
+        def refuse(reason):
+            LOG.warning('Refused parent address %r: %s', address, reason)
+            return exception.InvalidAddress(address=address, reason=reason)
+
+        address = {'host': host, 'port': port, 'export': export}
+        try:
+            ip = upstream.ip_literal(host)
+        except ValueError:
+            # A parent's export listens on its [relay] listen_address,
+            # which this driver requires to be an IP address: a name
+            # would be resolved by whoever connects, every time.
+            raise refuse('the host must be an IP address literal without '
+                         'scope id')
+        if ip.is_unspecified or ip.is_multicast or (
+                ip.version == 6 and ip.ipv4_mapped is not None):
+            raise refuse('the host is not a unicast address')
+        if not any(ip in network for network in self._peers()):
+            raise refuse('the host is outside [relay] peer_networks')
+        low, high = self.conf.relay.port_min, self.conf.relay.port_max
+        if isinstance(port, bool) or not isinstance(port, int) or not (
+                low <= port <= high):
+            raise refuse('the port is outside the relay ports %d-%d'
+                         % (low, high))
+        if image_id is not None:
+            if export != image_id:
+                raise refuse('the export is not the image id %s'
+                             % image_id)
+        else:
+            try:
+                validation.image_id(export)
+            except exception.InvalidImageId:
+                raise refuse('the export is not an image id')
+        return {'host': str(ip), 'port': port, 'export': export}
+
+    def _endpoint(self, source, image_id=None, origin=None):
+        """The endpoint of *source*, checked before any use.
+
+        An origin source must be the template's *origin* (when known); a
+        parent's is an NBD export checked by :meth:`_parent_data`.
+        Raises InvalidAddress or InvalidSource.
+        """
+        endpoint = source.endpoint
+        if source.is_origin:
+            if origin is not None and endpoint != origin:
+                raise exception.InvalidSource(
+                    reason='an origin source must be the template\'s '
+                           'origin')
+            return endpoint
+        data = endpoint.data
+        if (endpoint.driver_volume_type != 'nbd' or not isinstance(
+                data, dict) or set(data) != {'host', 'port', 'export'}):
+            raise exception.InvalidSource(
+                reason='a parent of the qemu driver is an NBD export '
+                       'given by host, port and export')
+        return records.Endpoint('nbd', self._parent_data(
+            image_id, data['host'], data['port'], data['export']))
 
     def _protocol(self, endpoint, probe=False):
         """Blockdev options of the protocol node reaching *endpoint*."""
@@ -228,6 +412,12 @@ class QemuDriver(base.Driver):
             # its header names.
             opts['backing'] = None
         return opts
+
+    def _qemu_probe(self, head, label):
+        """QEMU's own format probe of a raw image's first bytes."""
+        image_check.probe_with_qemu(head, label, self.qemu_img,
+                                    self.conf.qemu.command_timeout,
+                                    run=self._probe_runner)
 
     def _qemu_img(self, args, pass_fds=()):
         proc = self._runner([self.qemu_img] + args,
@@ -305,20 +495,35 @@ class QemuDriver(base.Driver):
                       host))
 
     def parent_source(self, node, address, image_id):
-        # A parent exports the image under its id (relay_address); the
-        # name is taken from here, not from the other node.
+        """The parent's export, checked (InvalidAddress): an IP address
+        literal in [relay] peer_networks, a relay port, the image id as
+        export name (a parent exports the image under its id)."""
         return records.Source(node, records.Endpoint(
-            'nbd', {'host': address.host, 'port': address.port,
-                    'export': image_id}))
+            'nbd', self._parent_data(image_id, address.host, address.port,
+                                     address.export)))
 
     def probe_source(self, source, image_format):
-        """``qemu-img info`` of the source through *image_format*.
+        """Inspect the source's content, then ``qemu-img info`` of it
+        through *image_format*.
 
-        A qcow2 source with a backing file or an external data file is
-        refused: its header would make QEMU open files the image names.
+        The image must be what it claims and name no backing or data file
+        (:mod:`thunder_agent.image_check`): a file origin is inspected as a
+        file, an NBD source on its first bytes, and qemu-img (told not to
+        open a backing file) must agree; an iSCSI source is judged by
+        qemu-img alone. Raises UnsafeImage (an OriginUnavailable) for a
+        refused image, before anything is created.
         """
-        endpoint = source.endpoint
-        label = endpoint.data.get('export') or source.node
+        endpoint = self._endpoint(source)
+        label = (endpoint.data.get('export')
+                 or os.path.basename(endpoint.data.get('path') or '')
+                 or source.node)
+        kind = endpoint.driver_volume_type
+        if kind == 'file':
+            image_check.check_file(endpoint.data['path'], image_format,
+                                   label, self._qemu_probe)
+        elif kind == 'nbd':
+            image_check.check_head(self._head(endpoint, label),
+                                   image_format, label, self._qemu_probe)
         opts = {'driver': image_format,
                 'file': self._protocol(endpoint, probe=True)}
         if image_format == 'qcow2':
@@ -347,16 +552,33 @@ class QemuDriver(base.Driver):
             raise exception.OriginUnavailable(
                 image_id=label, reason='qemu-img info said %r'
                                        % proc.stdout[:200])
-        if info.get('format') != image_format:
-            raise exception.OriginUnavailable(
-                image_id=label, reason='it is %s, not %s'
-                % (info.get('format'), image_format))
-        specific = (info.get('format-specific') or {}).get('data') or {}
-        if info.get('backing-filename') or specific.get('data-file'):
-            raise exception.OriginUnavailable(
-                image_id=label, reason='the image names a backing or data '
-                                       'file')
+        image_check.check_qemu_info(info, image_format, label)
         return base.OriginInfo(size=size, image_format=image_format)
+
+    def _head(self, endpoint, label):
+        """The first bytes of an NBD source (image_check.HEAD_SIZE or the
+        whole export when smaller), within [qemu] command_timeout."""
+        deadline = self._clock() + self.conf.qemu.command_timeout
+        handle = None
+        try:
+            handle = self._nbd_connect(endpoint.data, deadline)
+            data = bytearray(min(image_check.HEAD_SIZE, handle.get_size()))
+            cookie = handle.aio_pread(nbd.Buffer.from_buffer(data), 0)
+            self._nbd_wait(handle,
+                           lambda: handle.aio_command_completed(cookie),
+                           deadline)
+            return bytes(data)
+        except nbd.Error as e:
+            reason = 'reading its first bytes failed: %s' % e
+        except _Refused:
+            reason = 'the server does not export it'
+        except _Timeout:
+            reason = ('reading its first bytes took more than %s s'
+                      % self.conf.qemu.command_timeout)
+        finally:
+            # Dropping the handle closes the connection.
+            handle = None
+        raise exception.OriginUnavailable(image_id=label, reason=reason)
 
     def _nbd_connect(self, data, deadline):
         """A libnbd handle connected to the NBD export *data* by
@@ -383,7 +605,7 @@ class QemuDriver(base.Driver):
     def source_ready(self, source):
         """For NBD, the server negotiates the export (a handshake, no
         data), within ``[relay] parent_probe_timeout``."""
-        endpoint = source.endpoint
+        endpoint = self._endpoint(source)
         if endpoint.driver_volume_type != 'nbd':
             return self.source_answers(
                 source, self.conf.relay.parent_probe_timeout)
@@ -395,7 +617,7 @@ class QemuDriver(base.Driver):
             return False
 
     def source_answers(self, source, timeout):
-        endpoint = source.endpoint
+        endpoint = self._endpoint(source)
         data = endpoint.data
         try:
             if endpoint.driver_volume_type == 'file':
@@ -460,6 +682,14 @@ class QemuDriver(base.Driver):
             raise exception.BackendError(
                 reason='a relaying template reads raw sources, not %s'
                        % template.image_format)
+        source = template.source.endpoint
+        if source.driver_volume_type == 'file':
+            # Again at every build: the graph opens the file by its path,
+            # and reading a header is cheap. (A remote source was inspected
+            # by probe_source when the template was created.)
+            image_check.check_file(source.data['path'],
+                                   template.image_format, template.image_id,
+                                   self._qemu_probe)
         cache = os.path.join(template_dir, CACHE_FILE)
         fresh = not os.path.exists(cache)
         if fresh:
@@ -474,15 +704,19 @@ class QemuDriver(base.Driver):
         # A daemon left by a build that never finished holds the names.
         daemon.stop()
         try:
-            daemon.start(nbd_server=self._listener(template))
+            daemon.start(nbd_server=self._listener(template),
+                         max_connections=self._server_cap(template))
             daemon.commands(*self._graph(
                 template, cache, self._graph_endpoint(template)))
+            if self._listens(template):
+                self._ensure_relay_listener(template)
         except Exception:
             with excutils.save_and_reraise_exception():
                 LOG.error('Template %s: building its graph failed: %s',
                           template.image_id, daemon.log_tail())
                 daemon.stop()
                 self._upstream(template.image_id).stop()
+                self._relay_listener(template.image_id).stop()
         LOG.info('Template %s serves at %s', template.image_id,
                  self._local(template))
         return base.TemplateBuild(export=self._export(template),
@@ -498,9 +732,12 @@ class QemuDriver(base.Driver):
                 exports = []
             if any(e.get('id') == EXPORT_ID for e in exports):
                 # A dead forwarder is restarted in place; the daemon's NBD
-                # client reconnects to it by itself.
+                # client reconnects to it by itself, children to the
+                # listener.
                 if self._forwards(template):
                     self._ensure_forwarder(template)
+                if self._listens(template):
+                    self._ensure_relay_listener(template)
                 LOG.info('Re-adopted running template %s', template.image_id)
                 return base.TemplateBuild(export=self._export(template))
             LOG.warning('Template daemon %s is incomplete; rebuilding',
@@ -527,7 +764,11 @@ class QemuDriver(base.Driver):
         if not sources:
             raise exception.BackendError(
                 reason='template %s: no source given' % template.image_id)
-        endpoint = sources[0].endpoint
+        # Every source is checked, though only the first is used: each is
+        # an address from outside (InvalidAddress, InvalidSource).
+        endpoints = [self._endpoint(source, template.image_id,
+                                    template.origin) for source in sources]
+        endpoint = endpoints[0]
         if (endpoint.driver_volume_type != 'nbd'
                 or endpoint.data.get('export') != template.image_id):
             raise exception.BackendError(
@@ -545,15 +786,27 @@ class QemuDriver(base.Driver):
         up = self._upstream(template.image_id)
         up.stop()
         up.remove_log()
+        listener = self._relay_listener(template.image_id)
+        listener.stop()
+        listener.remove_log()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._socket(template.image_id))
 
     def is_healthy(self, template, template_dir):
         if not self._daemon(template.image_id).is_running():
             return False
-        if self._forwards(template):
-            return self._upstream(template.image_id).points_at(
-                template.source.endpoint)
+        try:
+            if self._listens(template) and not self._relay_listener(
+                    template.image_id).points_at(
+                        *self._listener_args(template)):
+                return False
+            if self._forwards(template):
+                return self._upstream(template.image_id).points_at(
+                    self._endpoint(template.source, template.image_id,
+                                   template.origin))
+        except exception.ThunderException as e:
+            LOG.warning('Template %s: %s', template.image_id, e)
+            return False
         return True
 
     def flush_template(self, template, template_dir):

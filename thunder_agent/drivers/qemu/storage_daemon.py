@@ -164,8 +164,12 @@ class StorageDaemon:
     def is_running(self):
         return self.pid is not None
 
-    def start(self, nbd_server=None, extra_args=()):
-        """Start the daemon; *nbd_server* is a SocketAddress dict."""
+    def start(self, nbd_server=None, extra_args=(), max_connections=None):
+        """Start the daemon; *nbd_server* is a SocketAddress dict, and its
+        NBD server takes at most *max_connections* clients at once (QEMU's
+        ``max-connections``; None leaves QEMU's default, 100 in this QEMU,
+        so every caller of the agent passes one). A client beyond it waits
+        in the listening socket's queue, unanswered, until one leaves."""
         if self.is_running():
             return
         os.makedirs(os.path.dirname(self.qmp_path), exist_ok=True)
@@ -188,7 +192,10 @@ class StorageDaemon:
                                         int(nbd_server['port']))
             nbd_server = {'type': 'fd', 'str': str(listener.fileno())}
         if nbd_server is not None:
-            cmd += ['--nbd-server', json.dumps({'addr': nbd_server})]
+            server = {'addr': nbd_server}
+            if max_connections is not None:
+                server['max-connections'] = int(max_connections)
+            cmd += ['--nbd-server', json.dumps(server)]
         cmd += list(extra_args)
         LOG.debug('Starting qemu-storage-daemon %s', self.name)
         try:

@@ -5,14 +5,17 @@ stores what the driver returns in them. Two drivers with their own run
 directories stand for two hosts where a template relays to another.
 """
 
+import contextlib
 import copy
 import hashlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
+import nbd
 import pytest
 
 from oslo_config import cfg
@@ -24,6 +27,7 @@ from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent.drivers.qemu import upstream
 from thunder_agent import exception
 from thunder_agent import origin as origin_mod
+from thunder_agent import prefetch
 from thunder_agent import records
 from thunder_lab.emulation import reader
 
@@ -33,14 +37,14 @@ MIB = 1 << 20
 CHUNK = 1 << 20
 
 
-def _conf(workdir, name, port_min=None):
+def _conf(workdir, name, port_min=None, listen='127.0.0.1'):
     conf = agent_conf.register_opts(cfg.ConfigOpts())
     conf([])
     conf.set_override('run_path', os.path.join(workdir, name, 'run'),
                       group='agent')
     conf.set_override('state_path', os.path.join(workdir, name, 'state'),
                       group='agent')
-    conf.set_override('listen_address', '127.0.0.1', group='relay')
+    conf.set_override('listen_address', listen, group='relay')
     if port_min is not None:
         conf.set_override('port_min', port_min, group='relay')
         conf.set_override('port_max', port_min + 7, group='relay')
@@ -48,20 +52,21 @@ def _conf(workdir, name, port_min=None):
     return conf
 
 
-def _free_port_range(width=8):
+def _free_port_range(width=8, host='127.0.0.1'):
     """The first of *width* consecutive free ports near an ephemeral
     one."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
+    with socket.socket(socket.AF_INET6 if ':' in host
+                       else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1] - width
 
 
 class Host:
     """One node: a driver with its own run path and template dirs."""
 
-    def __init__(self, workdir, name, port_min=None):
+    def __init__(self, workdir, name, port_min=None, listen='127.0.0.1'):
         self.name = name
-        self.conf = _conf(workdir, name, port_min)
+        self.conf = _conf(workdir, name, port_min, listen)
         self.driver = qemu_driver.QemuDriver(self.conf)
         self.driver.start()
         self.state = self.conf.agent.state_path
@@ -125,8 +130,8 @@ class Host:
 def hosts(workdir):
     made = []
 
-    def make(name, port_min=None):
-        host = Host(workdir, name, port_min)
+    def make(name, port_min=None, listen='127.0.0.1'):
+        host = Host(workdir, name, port_min, listen)
         made.append(host)
         return host
 
@@ -280,8 +285,13 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
     relay = parent.export.relay
     assert relay.host == '127.0.0.1'
     assert relay.export == image['id']
-    assert parent.export.local == {'host': '127.0.0.1', 'port': relay.port,
-                                   'export': image['id']}
+    # Local readers use the daemon's unix socket, children the relay
+    # listener on TCP.
+    assert parent.export.local == {
+        'socket': os.path.join(a.conf.agent.run_path, image['id'] + '.nbd'),
+        'export': image['id']}
+    listener = upstream.RelayListener(image['id'], a.conf.agent.run_path)
+    assert listener.pid is not None
 
     source = b.driver.parent_source('a', relay, image['id'])
     assert source == records.Source('a', records.Endpoint(
@@ -289,6 +299,8 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
                 'export': image['id']}))
     assert b.driver.source_ready(source)
     assert b.driver.source_answers(source, 2)
+    sent = nbd_origin.bytes_read()
+    # (Its first page is read for the inspector: the parent fetches it.)
     assert b.driver.probe_source(source, 'raw').size == image['size']
     # The parent's port is taken (it listens): the child gets another.
     child = b.template(image, origin, sources=[source], relay=True)
@@ -299,7 +311,6 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
     assert forwarder.target() == 'TCP:127.0.0.1:%d' % relay.port
     half = image['size'] // 2
     rest = image['size'] - half
-    sent = nbd_origin.bytes_read()
     parent_pid = a.daemon(parent).pid
     with reader.open_snapshot(snap.connection_info) as handle:
         assert _read_sha(handle, 0, half) == _image_sha(image, 0, half)
@@ -309,8 +320,10 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
         first = nbd_origin.bytes_read() - sent
         assert half <= first <= 1.01 * half
 
-        # The parent hangs; the reader goes on and its reads wait...
+        # The parent hangs (its daemon and its relay listener); the reader
+        # goes on and its reads wait...
         os.kill(parent_pid, signal.SIGSTOP)
+        os.killpg(listener.pid, signal.SIGSTOP)
         try:
             result = {}
             started = threading.Event()
@@ -341,6 +354,7 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
             thread.join(120)
             assert result['sha'] == _image_sha(image, half, rest)
         finally:
+            os.killpg(listener.pid, signal.SIGCONT)
             os.kill(parent_pid, signal.SIGCONT)
     assert b.stats(child).bytes_fetched == image['size']
     # Each block crossed the origin's link once per template that
@@ -412,8 +426,8 @@ def test_flush_of_a_stopped_daemon_gives_up(hosts, image, nbd_origin):
         with pytest.raises(exception.BackendError,
                            match='did not finish within 1 s'):
             host.driver.flush_template(template, tdir)
-        assert not host.driver.source_ready(records.Source(
-            'a', records.Endpoint('nbd', template.export.local)))
+        assert not host.driver.source_ready(records.Source.origin(
+            records.Endpoint('nbd', template.export.local)))
     finally:
         os.kill(pid, signal.SIGCONT)
     host.driver.flush_template(template, tdir)
@@ -422,7 +436,7 @@ def test_flush_of_a_stopped_daemon_gives_up(hosts, image, nbd_origin):
 def test_source_checks_of_an_absent_server(hosts, workdir, image,
                                            qemu_tools):
     host = hosts('a')
-    gone = records.Source('p', records.Endpoint(
+    gone = records.Source.origin(records.Endpoint(
         'nbd', {'socket': os.path.join(workdir, 'nobody.sock'),
                 'export': image['id']}))
     assert not host.driver.source_ready(gone)
@@ -433,13 +447,243 @@ def test_source_checks_of_an_absent_server(hosts, workdir, image,
 
 def test_qcow2_origin_naming_a_backing_file_is_refused(hosts, workdir,
                                                        image, qemu_tools):
-    import subprocess
     path = os.path.join(image['dir'], 'top.qcow2')
     subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'raw',
                     '-b', image['path'], path], check=True)
     source = records.Source.origin(records.Endpoint('file', {'path': path}))
-    with pytest.raises(exception.OriginUnavailable,
-                       match='names a backing or data file'):
+    with pytest.raises(exception.UnsafeImage, match='backing_file'):
         hosts('a').driver.probe_source(source, 'qcow2')
     # The image file itself is untouched.
     assert sha256_file(image['path']) == image['sha256']
+
+
+# -- hostile input --------------------------------------------------------
+
+def _nbd_server(workdir, path, name):
+    """qemu-nbd exporting the bytes of *path* as they are (raw), as an
+    NBD origin serving a tenant's file would; returns (socket, pid)."""
+    sock = os.path.join(workdir, name + '.sock')
+    pid_file = os.path.join(workdir, name + '.pid')
+    subprocess.run(['qemu-nbd', '--fork', '--read-only', '-f', 'raw',
+                    '-x', name, '-k', sock, '--pid-file', pid_file, path],
+                   check=True)
+    with open(pid_file) as f:
+        return sock, int(f.read())
+
+
+def _qemu_img(*args):
+    subprocess.run(['qemu-img'] + list(args), check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def secret(workdir):
+    """A host file only root may read, as /etc/shadow."""
+    path = os.path.join(workdir, 'shadow')
+    with open(path, 'wb') as f:
+        f.write(b'root:secret-hash:19000::::::\n'.ljust(MIB, b'\0'))
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.mark.parametrize('attack, claimed, words', [
+    ('backing file', 'qcow2', 'backing_file'),
+    ('backing file', 'raw', 'content is qcow2, not raw'),
+    ('vmdk descriptor', 'raw', 'cannot open its first bytes'),
+])
+def test_nbd_origin_with_hostile_content_is_refused(hosts, workdir, image,
+                                                    secret, qemu_tools,
+                                                    attack, claimed, words):
+    """The agent opens an NBD origin's content through its own format
+    node: the bytes an NBD server sends are inspected first."""
+    path = os.path.join(workdir, 'hostile')
+    if attack == 'backing file':
+        _qemu_img('create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', secret,
+                  path, str(MIB))
+    else:
+        with open(path, 'w') as f:
+            f.write('# Disk DescriptorFile\nversion=1\ncreateType='
+                    '"monolithicFlat"\nRW 2048 FLAT "%s" 0\n' % secret)
+    os.truncate(path, MIB)
+    sock, pid = _nbd_server(workdir, path, image['id'])
+    host = hosts('a')
+    try:
+        origin = records.Source.origin(records.Endpoint(
+            'nbd', {'socket': sock, 'export': image['id']}))
+        with pytest.raises(exception.UnsafeImage, match=words):
+            host.driver.probe_source(origin, claimed)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert host.run_files() == []
+
+
+def _template_record(image, origin, relay_address):
+    return records.Template(
+        image_id=image['id'], origin=origin, size=image['size'],
+        image_format='raw', driver='qemu',
+        sources=[records.Source.origin(origin)],
+        export=records.Export('qemu', {}, relay_address))
+
+
+def test_hostile_parent_addresses_run_nothing(hosts, image, nbd_origin,
+                                              workdir, monkeypatch):
+    """Forged coordinator answers through parent_source, set_sources and
+    a rebuild from a record: socat's grammar ('!!SYSTEM:' after an IPv6
+    scope id that closes socat's bracket) must be unreachable. Before the
+    checks, the first of these ran ``id`` as root on the first read."""
+    # Where a SYSTEM: command would write (socat's cwd is the agent's).
+    monkeypatch.chdir(workdir)
+    bait = socket.socket(socket.AF_INET6)
+    bait.bind(('::1', 0))
+    bait.listen()
+    port = bait.getsockname()[1]
+    hostile = ['::1%%1]:%d!!SYSTEM:id>pwned-1 #(' % port,
+               '::1%%lo]:%d!!SYSTEM:id>pwned-2 #(' % port,
+               '127.0.0.1!!SYSTEM:id>pwned-3',
+               '127.0.0.1,fork',
+               '10.255.255.1']
+    port_min = _free_port_range()
+    host = hosts('b', port_min)
+    origin = _endpoint(nbd_origin)
+    template = host.template(image, origin, relay=True)
+    tdir = host.tdir(template)
+    forwarder = upstream.Upstream(image['id'], host.conf.agent.run_path)
+    to_origin = forwarder.target()
+    try:
+        for name in hostile:
+            address = records.RelayAddress(name, port_min, image['id'])
+            with pytest.raises(exception.InvalidAddress):
+                host.driver.parent_source('evil', address, image['id'])
+            forged = records.Source('evil', records.Endpoint('nbd', {
+                'host': name, 'port': port_min, 'export': image['id']}))
+            with pytest.raises(exception.InvalidAddress):
+                host.driver.set_sources(template, tdir, [forged])
+            # A record that names it (written before the checks).
+            recorded = copy.deepcopy(template)
+            recorded.sources = [forged]
+            os.kill(host.daemon(template).pid, signal.SIGKILL)
+            forwarder.stop()
+            with pytest.raises(exception.InvalidAddress):
+                host.driver.ensure_template(recorded, tdir)
+            # Whatever runs at the forwarder's socket, a connection to it
+            # starts nothing.
+            if os.path.exists(forwarder.socket):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(forwarder.socket)
+                    s.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        s.recv(1)
+            assert [f for f in os.listdir(workdir)
+                    if f.startswith('pwned')] == []
+            host.driver.ensure_template(template, tdir)
+            assert forwarder.target() == to_origin
+    finally:
+        bait.close()
+    # The template still reads its origin.
+    snap = host.snapshot(template, 'i-1')
+    assert reader.checksum(snap.connection_info)[0] == image['sha256']
+
+
+def test_ipv6_relay_end_to_end(hosts, image, nbd_origin):
+    """A relaying template listening on [::1], a child reading through
+    its forwarder from [::1]:port: the same bytes as the image."""
+    port_min = _free_port_range(host='::1')
+    a = hosts('a', port_min, listen='::1')
+    b = hosts('b', port_min, listen='::1')
+    origin = _endpoint(nbd_origin)
+    parent = a.template(image, origin, relay=True)
+    relay = parent.export.relay
+    assert relay.host == '::1'
+    # [relay] peer_networks is empty: the network of ::1 (::1/128 on lo).
+    source = b.driver.parent_source('a', relay, image['id'])
+    assert source.endpoint.data == {'host': '::1', 'port': relay.port,
+                                    'export': image['id']}
+    assert b.driver.source_ready(source)
+    child = b.template(image, origin, sources=[source], relay=True)
+    forwarder = upstream.Upstream(image['id'], b.conf.agent.run_path)
+    assert forwarder.target() == 'TCP:[::1]:%d' % relay.port
+    listener = upstream.RelayListener(image['id'], a.conf.agent.run_path)
+    assert listener.target().startswith(
+        'TCP6-LISTEN:%d,bind=[::1],' % relay.port)
+    assert ',range=[::1]/128' in listener.target()
+    snap = b.snapshot(child, 'i-1')
+    sent = nbd_origin.bytes_read()
+    assert reader.checksum(snap.connection_info) == (image['sha256'],
+                                                     image['size'])
+    # Every byte came through the parent: fetched by both, sent by the
+    # origin once.
+    assert b.stats(child).bytes_fetched == image['size']
+    assert a.stats(parent).bytes_fetched == image['size']
+    assert image['size'] <= nbd_origin.bytes_read() - sent <= (
+        1.01 * image['size'])
+
+
+def _handshake(address, timeout):
+    """True when an NBD client completes its handshake with *address*
+    (``{'socket'}`` or ``{'host', 'port'}``, and ``export``) within
+    *timeout* seconds."""
+    handle = nbd.NBD()
+    handle.set_export_name(address['export'])
+    if 'socket' in address:
+        handle.aio_connect_unix(address['socket'])
+    else:
+        handle.aio_connect_tcp(address['host'], str(address['port']))
+    deadline = time.monotonic() + timeout
+    while handle.aio_is_connecting() and time.monotonic() < deadline:
+        handle.poll(100)
+    # Dropping the handle closes its connection.
+    return handle.aio_is_ready()
+
+
+STRANGERS = 2
+
+
+def test_strangers_holding_relay_connections_block_children_only(
+        hosts, image, nbd_origin):
+    """Strangers holding every relay connection open: a new child's
+    handshake waits (its readiness probe says no within [relay]
+    parent_probe_timeout, so the manager sends it to the origin), while
+    local VMs, the agent's flush and its prefetcher, on the unix socket,
+    go on. Once the strangers leave, the child is served."""
+    port_min = _free_port_range()
+    a = hosts('a', port_min)
+    b = hosts('b', port_min)
+    a.conf.set_override('relay_connections', STRANGERS, group='qemu')
+    parent = a.template(image, _endpoint(nbd_origin), relay=True)
+    relay = parent.export.relay
+    strangers = []
+    try:
+        for _ in range(STRANGERS):
+            handle = nbd.NBD()
+            handle.set_export_name(image['id'])
+            handle.connect_tcp(relay.host, str(relay.port))
+            strangers.append(handle)
+        # More wait in the listener's queue.
+        for _ in range(4):
+            with contextlib.suppress(nbd.Error):
+                handle = nbd.NBD()
+                handle.set_export_name(image['id'])
+                handle.aio_connect_tcp(relay.host, str(relay.port))
+                strangers.append(handle)
+
+        child_source = b.driver.parent_source('a', relay, image['id'])
+        assert not b.driver.source_ready(child_source)
+
+        tdir = a.tdir(parent)
+        a.driver.flush_template(parent, tdir)
+        target = a.driver.prefetch_target(parent, tdir)
+        status = prefetch.FullPrefetcher(target, image['size'],
+                                         rate=1 << 40).run()
+        assert status['state'] == 'done', status
+        snap = a.snapshot(parent, 'i-1')
+        backing = snap.connection_info['data']['backing']
+        assert _handshake(backing, 5)
+        assert reader.checksum(snap.connection_info)[0] == image['sha256']
+        assert a.stats(parent).bytes_fetched == image['size']
+    finally:
+        # Dropping the handles closes their connections.
+        handle = None
+        strangers.clear()
+    # Served again as soon as the listener's slots are free (each socat
+    # child leaves half a second after its client).
+    assert _wait_for(lambda: b.driver.source_ready(child_source))

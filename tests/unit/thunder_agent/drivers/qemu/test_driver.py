@@ -1,8 +1,10 @@
 """The qemu driver with fakes at the process boundary: a storage daemon
-that records its QMP calls, a forwarder that records its target, a
-qemu-img runner answering from a table, libnbd handles on a fake clock."""
+that records its QMP calls, forwarders that record their targets, a
+qemu-img runner answering from a table, libnbd handles on a fake clock, an
+interface table. Image files are real (the inspector reads them)."""
 
 import copy
+import ipaddress
 import json
 import os
 import socket
@@ -27,6 +29,12 @@ SIZE = 64 << 20
 NBD_ORIGIN = records.Endpoint('nbd', {'host': '192.0.2.9', 'port': 10809,
                                       'export': IMAGE})
 FILE_ORIGIN = records.Endpoint('file', {'path': '/srv/images/disk.raw'})
+# The first bytes of a qcow2 v3 image (magic, version 3, no backing file,
+# 64 KiB clusters), and of one whose header names a backing file.
+QCOW2_HEAD = (b'QFI\xfb' + (3).to_bytes(4, 'big') + bytes(8)
+              + bytes(4) + (16).to_bytes(4, 'big')
+              + SIZE.to_bytes(8, 'big')).ljust(4096, b'\0')
+BACKED_HEAD = QCOW2_HEAD[:8] + (512).to_bytes(8, 'big') + QCOW2_HEAD[16:]
 ISCSI_ORIGIN = records.Endpoint('iscsi', {
     'target_portal': '192.0.2.20:3260',
     'target_iqn': 'iqn.2010-10.org.openstack:volume-1', 'target_lun': 1,
@@ -55,10 +63,11 @@ class FakeDaemon:
     def is_running(self):
         return self.running
 
-    def start(self, nbd_server=None, extra_args=()):
+    def start(self, nbd_server=None, extra_args=(), max_connections=None):
         self.running = True
         self.starts += 1
         self.nbd_server = nbd_server
+        self.max_connections = max_connections
         self.calls = []
 
     def stop(self):
@@ -108,6 +117,26 @@ class FakeUpstream:
     def start(self, endpoint):
         self.current = upstream.describe(endpoint)
         self.starts.append(self.current)
+
+    def stop(self):
+        self.current = None
+
+    def remove_log(self):
+        pass
+
+
+class FakeListener:
+    def __init__(self, image_id, run_path):
+        self.image_id = image_id
+        self.current = None
+        self.starts = []
+
+    def points_at(self, *args):
+        return self.current == args
+
+    def start(self, *args):
+        self.current = args
+        self.starts.append(args)
 
     def stop(self):
         self.current = None
@@ -166,6 +195,8 @@ class FakeHandle:
         self.address = None
         self.polls = []
         self.flushes = 0
+        self.head = bytes(4096)
+        self.reads = []
 
     def set_export_name(self, name):
         self.export = name
@@ -196,7 +227,15 @@ class FakeHandle:
         self._flush_at = len(self.polls)
         return 7
 
+    def aio_pread(self, buf, offset):
+        view = buf.to_buffer()
+        view[:] = self.head[offset:offset + len(view)]
+        self.reads.append((offset, len(view)))
+        return 8
+
     def aio_command_completed(self, cookie):
+        if cookie == 8:
+            return True
         assert cookie == 7
         return (self.completes is not None
                 and len(self.polls) - self._flush_at >= self.completes)
@@ -220,10 +259,32 @@ class Fakes:
     def __init__(self):
         self.daemons = {}
         self.upstreams = {}
+        self.listeners = {}
         self.qemu_img = FakeQemuImg()
         self.clock = Clock()
         self.handles = []
         self.handle_args = {}
+        self.head = bytes(4096)
+        self.interfaces = {'127.0.0.1': ['127.0.0.0/8']}
+        self.lookups = []
+        # What QEMU's own format probe of a raw image's head says.
+        self.probed = 'raw'
+        self.probes = []
+
+    def probe(self, args, timeout):
+        with open(args[-1], 'rb') as f:
+            self.probes.append((args[:-1], f.read(), timeout))
+        return subprocess.CompletedProcess(
+            args, 0, json.dumps({'format': self.probed}), '')
+
+    def networks(self, address):
+        self.lookups.append(address)
+        return [ipaddress.ip_network(n)
+                for n in self.interfaces.get(address, [])]
+
+    def listener(self, image_id, run_path):
+        return self.listeners.setdefault(image_id,
+                                         FakeListener(image_id, run_path))
 
     def daemon(self, name, run_path, executable, start_timeout):
         return self.daemons.setdefault(name, FakeDaemon(name))
@@ -234,6 +295,7 @@ class Fakes:
 
     def nbd(self):
         handle = FakeHandle(self.clock, **self.handle_args)
+        handle.head = self.head
         self.handles.append(handle)
         return handle
 
@@ -247,9 +309,20 @@ def fakes():
 def driver(conf, fakes):
     drv = qemu_driver.QemuDriver(
         conf, daemon_factory=fakes.daemon, upstream_factory=fakes.upstream,
-        runner=fakes.qemu_img, nbd_factory=fakes.nbd, clock=fakes.clock)
+        runner=fakes.qemu_img, nbd_factory=fakes.nbd, clock=fakes.clock,
+        listener_factory=fakes.listener, networks=fakes.networks,
+        probe_runner=fakes.probe)
     drv.start()
     return drv
+
+
+@pytest.fixture
+def raw_file(tmp_path):
+    """A raw image file (what FILE_ORIGIN names, made real)."""
+    path = tmp_path / 'images' / 'disk.raw'
+    path.parent.mkdir()
+    path.write_bytes(b'\xeb\x63\x90' + bytes(SIZE // 64 - 3))
+    return records.Endpoint('file', {'path': str(path)})
 
 
 @pytest.fixture
@@ -323,12 +396,99 @@ def test_relay_address_needs_a_numeric_listen_address(conf, driver):
         driver.relay_address(IMAGE, set())
 
 
-def test_parent_source_reads_the_parent_export_of_the_image(driver):
+def test_parent_source_reads_the_parent_export_of_the_image(conf, driver):
+    conf.set_override('peer_networks', ['198.51.100.0/24'], group='relay')
     source = driver.parent_source(
         'node-7', records.RelayAddress('198.51.100.7', 10812, IMAGE), IMAGE)
     assert source == records.Source('node-7', records.Endpoint(
         'nbd', {'host': '198.51.100.7', 'port': 10812, 'export': IMAGE}))
     assert not source.is_origin
+    # Written back in canonical form.
+    conf.set_override('peer_networks', ['2001:db8::/64'], group='relay')
+    assert driver.parent_source('n', records.RelayAddress(
+        '2001:DB8:0::0:5', 10812, IMAGE), IMAGE).endpoint.data['host'] == (
+        '2001:db8::5')
+
+
+# Hostile parent addresses as a forged coordinator answer could carry them:
+# socat address grammar ('!!' joins a second address, SYSTEM: runs a
+# command, ',' adds options, '(' and '[' nest), IPv6 scope ids (free text
+# after '%', which Python's ipaddress accepts), names, other networks,
+# ports and exports.
+HOSTILE_HOSTS = [
+    '::1%1]:10811!!SYSTEM:id>pwned #(',
+    'fe80::1%eth0,fork',
+    '::1%lo',
+    '127.0.0.1!!SYSTEM:id',
+    '127.0.0.1,bind=0.0.0.0',
+    '127.0.0.1:10811',
+    '[127.0.0.1]',
+    'SYSTEM:id',
+    'localhost',
+    'parent-3.storage.example',
+    '',
+    '0.0.0.0',
+    '::',
+    '224.0.0.1',
+    '::ffff:127.0.0.1',
+    '10.0.0.1',
+    '192.0.2.9',
+    None,
+    7,
+]
+
+
+@pytest.mark.parametrize('host', HOSTILE_HOSTS)
+def test_parent_source_refuses_hostile_hosts(driver, host):
+    with pytest.raises(exception.InvalidAddress):
+        driver.parent_source('p', records.RelayAddress(host, 10811, IMAGE),
+                             IMAGE)
+
+
+@pytest.mark.parametrize('port, export', [
+    (22, IMAGE), (10809, IMAGE), (10874, IMAGE), (0, IMAGE), (True, IMAGE),
+    ('10811', IMAGE), (10811.0, IMAGE),
+    (10811, 'other'), (10811, ''), (10811, IMAGE + ',fork'),
+])
+def test_parent_source_refuses_other_ports_and_exports(driver, port, export):
+    with pytest.raises(exception.InvalidAddress):
+        driver.parent_source('p', records.RelayAddress('127.0.0.1', port,
+                                                       export), IMAGE)
+
+
+def test_peer_networks_default_to_the_listen_address_network(
+        conf, driver, fakes):
+    # 127.0.0.1 is on 127.0.0.0/8 (the fake interface table), so parents
+    # there are accepted, looked up once.
+    assert driver.parent_source('p', _address(10811), IMAGE)
+    assert driver.parent_source('p', records.RelayAddress(
+        '127.0.0.9', 10811, IMAGE), IMAGE)
+    assert fakes.lookups == ['127.0.0.1']
+    conf.set_override('listen_address', '192.0.2.4', group='relay')
+    # A listen address on no interface: every parent is refused (and it is
+    # looked up again next time)...
+    fresh = qemu_driver.QemuDriver(conf, networks=fakes.networks)
+    for _ in range(2):
+        with pytest.raises(exception.InvalidAddress, match='peer_networks'):
+            fresh.parent_source('p', records.RelayAddress(
+                '192.0.2.5', 10811, IMAGE), IMAGE)
+    assert fakes.lookups[-2:] == ['192.0.2.4'] * 2
+    # ... until it is configured.
+    fakes.interfaces['192.0.2.4'] = ['192.0.2.0/24']
+    assert fresh.parent_source('p', records.RelayAddress(
+        '192.0.2.5', 10811, IMAGE), IMAGE)
+    # The option replaces the lookup.
+    conf.set_override('peer_networks', ['198.51.100.0/24'], group='relay')
+    with pytest.raises(exception.InvalidAddress):
+        fresh.parent_source('p', records.RelayAddress(
+            '192.0.2.5', 10811, IMAGE), IMAGE)
+
+
+def test_interface_networks_reads_the_kernel_address_table():
+    # The loopback interface of this network namespace.
+    assert qemu_driver.interface_networks('127.0.0.1') == [
+        ipaddress.ip_network('127.0.0.0/8')]
+    assert qemu_driver.interface_networks('192.0.2.254') == []
 
 
 def test_can_relay_nbd_origins_exporting_the_image_id(driver):
@@ -364,9 +524,13 @@ def test_check_origin(driver):
         driver.check_origin(kerberos)
 
 
-def test_probe_source(driver, fakes):
+def test_probe_source(driver, fakes, tmp_path):
     info = driver.probe_source(records.Source.origin(NBD_ORIGIN), 'raw')
     assert info == base.OriginInfo(size=SIZE, image_format='raw')
+    # The first page was read for the inspector, then qemu-img ran.
+    handle, = fakes.handles
+    assert handle.reads == [(0, 4096)]
+    assert handle.address == ('tcp', '192.0.2.9', '10809')
     (args, timeout), = fakes.qemu_img.runs
     assert timeout == 45
     assert args[:4] == ['qemu-img', 'info', '--output=json', '-U']
@@ -376,15 +540,108 @@ def test_probe_source(driver, fakes):
                                         'port': '10809'},
             'export': IMAGE, 'read-only': True}}
 
+    # qemu-img disagrees with the declared format.
     fakes.qemu_img.info = {'format': 'qcow2', 'virtual-size': SIZE}
-    with pytest.raises(exception.OriginUnavailable, match='not raw'):
+    with pytest.raises(exception.UnsafeImage, match='not raw'):
         driver.probe_source(records.Source.origin(NBD_ORIGIN), 'raw')
-    fakes.qemu_img.info['backing-filename'] = '/etc/shadow'
-    with pytest.raises(exception.OriginUnavailable, match='backing'):
-        driver.probe_source(records.Source.origin(FILE_ORIGIN), 'qcow2')
+    # What the inspector cannot see, qemu-img can: a data file it names.
+    qcow2 = tmp_path / 'disk.qcow2'
+    qcow2.write_bytes(QCOW2_HEAD)
+    origin = records.Source.origin(records.Endpoint('file', {
+        'path': str(qcow2)}))
+    fakes.qemu_img.info = {'format': 'qcow2', 'virtual-size': SIZE,
+                           'format-specific': {'type': 'qcow2', 'data': {
+                               'data-file': '/etc/shadow'}}}
+    with pytest.raises(exception.UnsafeImage, match='data file'):
+        driver.probe_source(origin, 'qcow2')
     opts = json.loads(fakes.qemu_img.runs[-1][0][-1][len('json:'):])
-    # qemu-img itself is told not to open it.
+    # qemu-img itself is told not to open a backing file.
     assert opts['backing'] is None
+    fakes.qemu_img.info = {'format': 'qcow2', 'virtual-size': SIZE,
+                           'backing-filename': '/etc/shadow'}
+    with pytest.raises(exception.UnsafeImage, match='backing file'):
+        driver.probe_source(origin, 'qcow2')
+    fakes.qemu_img.info = {'format': 'qcow2', 'virtual-size': SIZE}
+    assert driver.probe_source(origin, 'qcow2').size == SIZE
+
+
+@pytest.mark.parametrize('head, claimed, words', [
+    (BACKED_HEAD, 'qcow2', 'backing_file'),
+    (BACKED_HEAD, 'raw', 'content is qcow2, not raw'),
+    (QCOW2_HEAD, 'raw', 'content is qcow2, not raw'),
+    (bytes(4096), 'qcow2', 'content is raw, not qcow2'),
+    (b'KDMV' + bytes(4092), 'raw', 'vmdk'),
+])
+def test_probe_refuses_unsafe_content_before_qemu_img(driver, fakes, tmp_path,
+                                                      head, claimed, words):
+    fakes.head = head
+    path = tmp_path / 'image'
+    path.write_bytes(head)
+    for origin in (NBD_ORIGIN, records.Endpoint('file', {'path': str(path)})):
+        with pytest.raises(exception.UnsafeImage, match=words) as info:
+            driver.probe_source(records.Source.origin(origin), claimed)
+        # The caller's fault, and nothing was changed.
+        assert info.value.client_error
+    assert fakes.qemu_img.runs == []
+
+
+def test_a_raw_image_is_also_probed_by_qemu(driver, fakes, tmp_path):
+    """What the inspector passes as raw, QEMU's own probe must see as raw
+    too (a VMDK text descriptor is raw to the inspector)."""
+    path = tmp_path / 'image'
+    descriptor = (b'# Disk DescriptorFile\nversion=1\ncreateType='
+                  b'"monolithicFlat"\nRW 2048 FLAT "/etc/shadow" 0\n')
+    path.write_bytes(descriptor.ljust(8192, b'\0'))
+    fakes.head = path.read_bytes()
+    fakes.probed = 'vmdk'
+    for origin in (records.Endpoint('file', {'path': str(path)}),
+                   NBD_ORIGIN):
+        with pytest.raises(exception.UnsafeImage,
+                           match='probes it as vmdk, not raw'):
+            driver.probe_source(records.Source.origin(origin), 'raw')
+    # qemu-img info without a format, on the first page only, within
+    # [qemu] command_timeout.
+    for args, head, timeout in fakes.probes:
+        assert args == ['qemu-img', 'info', '--output=json']
+        assert head == fakes.head[:4096]
+        assert timeout == 45
+    assert len(fakes.probes) == 2
+    assert fakes.qemu_img.runs == []
+    # A qcow2 is not probed: its header was inspected, and qemu-img opens
+    # it as qcow2 (told not to open a backing file).
+    qcow2 = tmp_path / 'disk.qcow2'
+    qcow2.write_bytes(QCOW2_HEAD)
+    fakes.qemu_img.info = {'format': 'qcow2', 'virtual-size': SIZE}
+    driver.probe_source(records.Source.origin(records.Endpoint(
+        'file', {'path': str(qcow2)})), 'qcow2')
+    assert len(fakes.probes) == 2
+
+
+def test_probe_of_a_file_origin_does_not_follow_a_symlink(driver, fakes,
+                                                          tmp_path):
+    target = tmp_path / 'target.raw'
+    target.write_bytes(bytes(4096))
+    link = tmp_path / 'link.raw'
+    link.symlink_to(target)
+    with pytest.raises(exception.UnsafeImage, match='cannot open'):
+        driver.probe_source(records.Source.origin(records.Endpoint(
+            'file', {'path': str(link)})), 'raw')
+    fifo = tmp_path / 'fifo'
+    os.mkfifo(fifo)
+    with pytest.raises(exception.UnsafeImage, match='not a regular file'):
+        driver.probe_source(records.Source.origin(records.Endpoint(
+            'file', {'path': str(fifo)})), 'raw')
+    assert fakes.qemu_img.runs == []
+
+
+def test_probe_head_read_is_bounded(driver, fakes, conf):
+    fakes.handle_args = {'connects': None}
+    start = fakes.clock.now
+    with pytest.raises(exception.OriginUnavailable,
+                       match='more than 45 s'):
+        driver.probe_source(records.Source.origin(NBD_ORIGIN), 'raw')
+    assert fakes.clock.now - start == pytest.approx(45.0)
+    assert fakes.qemu_img.runs == []
 
 
 def test_probe_passes_the_chap_secret_through_a_pipe(driver, fakes):
@@ -417,10 +674,30 @@ def test_source_ready_and_answers(driver, fakes, tmp_path):
         path = str(tmp_path / 's.sock')
         listener.bind(path)
         listener.listen()
-        unix = records.Source('p', records.Endpoint(
+        unix = records.Source.origin(records.Endpoint(
             'nbd', {'socket': path, 'export': IMAGE}))
         assert driver.source_answers(unix, 1)
     assert not driver.source_answers(unix, 1)
+    # A parent is a TCP export of another host: never a local socket.
+    parent_socket = records.Source('p', unix.endpoint)
+    for probe in (lambda: driver.source_answers(parent_socket, 1),
+                  lambda: driver.source_ready(parent_socket),
+                  lambda: driver.probe_source(parent_socket, 'raw')):
+        with pytest.raises(exception.InvalidSource):
+            probe()
+
+
+@pytest.mark.parametrize('host', HOSTILE_HOSTS[:8])
+def test_probes_refuse_hostile_parents_before_connecting(driver, fakes,
+                                                         host):
+    bad = records.Source('p', records.Endpoint(
+        'nbd', {'host': host, 'port': 10811, 'export': IMAGE}))
+    for probe in (lambda: driver.source_answers(bad, 1),
+                  lambda: driver.source_ready(bad),
+                  lambda: driver.probe_source(bad, 'raw')):
+        with pytest.raises(exception.InvalidAddress):
+            probe()
+    assert fakes.handles == [] and fakes.qemu_img.runs == []
 
 
 # -- templates -----------------------------------------------------------
@@ -481,12 +758,20 @@ def test_create_relaying_template_reads_through_the_forwarder(
     before = copy.deepcopy(template.to_dict())
     build = driver.create_template(template, tdir)
     assert template.to_dict() == before
+    socket_path = os.path.join(conf.agent.run_path, IMAGE + '.nbd')
+    # Local readers use the unix socket; children the relay address.
     assert build.export == records.Export(
-        'qemu', {'host': '127.0.0.1', 'port': 10815, 'export': IMAGE},
-        relay)
-    # The daemon listens on the reserved address (TCP, for children).
-    assert fakes.daemons[IMAGE].nbd_server == {
-        'type': 'inet', 'host': '127.0.0.1', 'port': '10815'}
+        'qemu', {'socket': socket_path, 'export': IMAGE}, relay)
+    daemon = fakes.daemons[IMAGE]
+    assert daemon.nbd_server == {'type': 'unix', 'path': socket_path}
+    # QEMU's cap: [qemu] local_connections (128) + relay_connections
+    # (0: 2 x [coordinator] fan_out 4 + 4).
+    assert daemon.max_connections == 128 + 12
+    # The relay listener: TCP on the reserved address to the unix socket,
+    # 12 children at once, from the listen address's network only.
+    listener = fakes.listeners[IMAGE]
+    assert listener.starts == [('127.0.0.1', 10815, socket_path, 12,
+                                ipaddress.ip_network('127.0.0.0/8'))]
     forwarder = fakes.upstreams[IMAGE]
     assert forwarder.starts == ['TCP:192.0.2.9:10809']
     source = _graph(fakes)[0]
@@ -498,6 +783,49 @@ def test_create_relaying_template_reads_through_the_forwarder(
     assert driver.is_healthy(template, tdir)
     forwarder.stop()
     assert not driver.is_healthy(template, tdir)
+    forwarder.start(NBD_ORIGIN)
+    assert driver.is_healthy(template, tdir)
+    listener.stop()
+    assert not driver.is_healthy(template, tdir)
+
+
+def test_relay_caps_and_listener_range_come_from_options(driver, fakes,
+                                                         tdir, conf):
+    conf.set_override('relay_connections', 3, group='qemu')
+    conf.set_override('local_connections', 9, group='qemu')
+    conf.set_override('peer_networks', ['127.0.0.0/24', '10.0.0.0/8',
+                                        'fd00::/64'], group='relay')
+    template = _template(relay=_address(10815))
+    driver.create_template(template, tdir)
+    assert fakes.daemons[IMAGE].max_connections == 12
+    # Two IPv4 networks: socat takes one range, so none.
+    (host, port, path, cap, network), = fakes.listeners[IMAGE].starts
+    assert (cap, network) == (3, None)
+    plain = _template()
+    plain.image_id = IMAGE2 = '5b2a7e1f-9d3c-4c6f-b8b5-7b1f6fac3d22'
+    plain_dir = os.path.join(os.path.dirname(tdir), IMAGE2)
+    os.makedirs(plain_dir)
+    driver.create_template(plain, plain_dir)
+    # A template that does not relay: local readers only, no listener.
+    assert fakes.daemons[IMAGE2].max_connections == 9
+    assert IMAGE2 not in fakes.listeners
+
+
+def test_template_of_the_tcp_layout_keeps_listening_on_tcp(
+        driver, fakes, tdir):
+    """A relaying template built before the relay listener: its daemon
+    listens on TCP, and running VMs use that address."""
+    relay = _address(10815)
+    template = _template(relay=relay)
+    template.export = records.Export(
+        'qemu', {'host': '127.0.0.1', 'port': 10815, 'export': IMAGE},
+        relay)
+    build = driver.ensure_template(template, tdir)
+    assert build.export == template.export
+    assert fakes.daemons[IMAGE].nbd_server == {
+        'type': 'inet', 'host': '127.0.0.1', 'port': '10815'}
+    assert IMAGE not in fakes.listeners
+    assert driver.is_healthy(template, tdir)
 
 
 def test_create_iscsi_template_sends_the_secret_over_qmp(driver, fakes,
@@ -529,6 +857,7 @@ def test_failed_graph_leaves_nothing_running(driver, fakes, tdir):
         driver.create_template(_template(relay=_address(10815)), tdir)
     assert not fakes.daemons[IMAGE].running
     assert fakes.upstreams[IMAGE].target() is None
+    assert fakes.listeners[IMAGE].current is None
 
 
 def test_ensure_readopts_a_running_template(driver, fakes, tdir):
@@ -536,13 +865,31 @@ def test_ensure_readopts_a_running_template(driver, fakes, tdir):
     build = driver.create_template(template, tdir)
     template.export, template.driver_state = build.export, build.driver_state
     fakes.upstreams[IMAGE].stop()
+    fakes.listeners[IMAGE].stop()
     before = copy.deepcopy(template.to_dict())
     again = driver.ensure_template(template, tdir)
     assert template.to_dict() == before
     assert again == base.TemplateBuild(export=template.export)
     assert fakes.daemons[IMAGE].starts == 1
-    # The dead forwarder was started again, at the same source.
+    # The dead forwarders were started again, as they were.
     assert fakes.upstreams[IMAGE].starts == ['TCP:192.0.2.9:10809'] * 2
+    first, second = fakes.listeners[IMAGE].starts
+    assert first == second
+
+
+def test_ensure_refuses_a_recorded_hostile_parent(driver, fakes, tdir):
+    """A record written by an agent that did not check parents: the
+    forwarder is not started with what it names."""
+    template = _template(relay=_address(10815))
+    build = driver.create_template(template, tdir)
+    template.export = build.export
+    fakes.upstreams[IMAGE].stop()
+    template.sources = [records.Source('p', records.Endpoint('nbd', {
+        'host': HOSTILE_HOSTS[0], 'port': 10811, 'export': IMAGE}))]
+    assert not driver.is_healthy(template, tdir)
+    with pytest.raises(exception.InvalidAddress):
+        driver.ensure_template(template, tdir)
+    assert fakes.upstreams[IMAGE].current is None
 
 
 def test_ensure_rebuilds_from_the_cache_and_carries_counters(
@@ -569,7 +916,9 @@ def test_ensure_rebuilds_from_the_cache_and_carries_counters(
     assert fakes.daemons[IMAGE].starts == 2
 
 
-def test_set_sources_swaps_the_forwarder_only(driver, fakes, tdir):
+def test_set_sources_swaps_the_forwarder_only(driver, fakes, tdir, conf):
+    conf.set_override('peer_networks', ['2001:db8::/64', '192.0.2.0/24'],
+                      group='relay')
     template = _template(relay=_address(10815))
     build = driver.create_template(template, tdir)
     template.export = build.export
@@ -584,12 +933,38 @@ def test_set_sources_swaps_the_forwarder_only(driver, fakes, tdir):
     assert _graph(fakes) == graph
     assert fakes.daemons[IMAGE].starts == 1
 
-    with pytest.raises(exception.BackendError, match='named'):
+    with pytest.raises(exception.InvalidAddress, match='image id'):
         driver.set_sources(template, tdir, [records.Source(
-            'p', records.Endpoint('nbd', {'host': '192.0.2.1', 'port': 1,
+            'p', records.Endpoint('nbd', {'host': '192.0.2.1',
+                                          'port': 10811,
                                           'export': 'other'}))])
     with pytest.raises(exception.BackendError, match='relay tree'):
         driver.set_sources(_template(), tdir, [parent])
+    # Back to the origin: the template's own only.
+    assert driver.set_sources(template, tdir, [
+        records.Source.origin(NBD_ORIGIN)]) is None
+    assert fakes.upstreams[IMAGE].target() == 'TCP:192.0.2.9:10809'
+    other_origin = records.Endpoint('nbd', dict(NBD_ORIGIN.data,
+                                                host='192.0.2.66'))
+    with pytest.raises(exception.InvalidSource, match='origin'):
+        driver.set_sources(template, tdir,
+                           [records.Source.origin(other_origin)])
+    assert fakes.upstreams[IMAGE].target() == 'TCP:192.0.2.9:10809'
+
+
+@pytest.mark.parametrize('host', HOSTILE_HOSTS)
+def test_set_sources_refuses_hostile_parents(driver, fakes, tdir, host):
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    started = list(fakes.upstreams[IMAGE].starts)
+    hostile = records.Source('p', records.Endpoint(
+        'nbd', {'host': host, 'port': 10811, 'export': IMAGE}))
+    good = driver.parent_source('q', _address(10812), IMAGE)
+    for sources in ([hostile], [good, hostile]):
+        with pytest.raises(exception.InvalidAddress):
+            driver.set_sources(template, tdir, sources)
+    # The forwarder was never pointed anywhere else.
+    assert fakes.upstreams[IMAGE].starts == started
 
 
 def test_delete_template_stops_daemon_and_forwarder(driver, fakes, tdir,
@@ -601,6 +976,7 @@ def test_delete_template_stops_daemon_and_forwarder(driver, fakes, tdir,
     driver.delete_template(template, tdir)
     assert not fakes.daemons[IMAGE].running
     assert fakes.upstreams[IMAGE].target() is None
+    assert fakes.listeners[IMAGE].current is None
     assert not os.path.exists(socket_path)
     assert not driver.is_healthy(template, tdir)
     # Missing pieces are fine.
@@ -631,8 +1007,9 @@ def test_template_stats(driver, fakes, tdir):
     assert driver.template_stats(template, tdir)[1] is None
 
 
-def test_file_source_reads_are_fetches_not_hits(driver, fakes, tdir):
-    template = _template(origin=FILE_ORIGIN)
+def test_file_source_reads_are_fetches_not_hits(driver, fakes, tdir,
+                                                raw_file):
+    template = _template(origin=raw_file)
     build = driver.create_template(template, tdir)
     template.export, template.driver_state = build.export, build.driver_state
     fakes.qemu_img.extents = [
@@ -720,18 +1097,34 @@ def test_snapshot_connection_info_for_the_libvirt_volume_driver(
     assert driver.ensure_snapshot(template, tdir, snap, str(sdir)) == info
 
 
-def test_relaying_template_snapshot_backs_on_the_tcp_export(
-        driver, tdir, tmp_path):
+def test_relaying_template_local_readers_use_the_unix_socket(
+        driver, fakes, tdir, tmp_path, conf):
     template = _template(relay=_address(10815))
     template.export = driver.create_template(template, tdir).export
+    socket_path = os.path.join(conf.agent.run_path, IMAGE + '.nbd')
+    info = driver.create_snapshot(template, tdir, 'i-1', str(tmp_path))
+    assert info['data']['backing'] == {
+        'driver': 'nbd', 'format': 'raw', 'socket': socket_path,
+        'export': IMAGE, 'reconnect_delay': 123}
+    target = driver.prefetch_target(template, tdir)
+    assert isinstance(target, prefetch.NbdAddress)
+    assert (target.socket, target.host, target.export) == (
+        socket_path, None, IMAGE)
+    driver.flush_template(template, tdir)
+    assert fakes.handles[-1].address == ('unix', socket_path)
+
+
+def test_relaying_template_of_the_tcp_layout_keeps_its_backing(
+        driver, tdir, tmp_path):
+    relay = _address(10815)
+    template = _template(relay=relay)
+    template.export = records.Export(
+        'qemu', {'host': '127.0.0.1', 'port': 10815, 'export': IMAGE},
+        relay)
     info = driver.create_snapshot(template, tdir, 'i-1', str(tmp_path))
     assert info['data']['backing'] == {
         'driver': 'nbd', 'format': 'raw', 'host': '127.0.0.1',
         'port': 10815, 'export': IMAGE, 'reconnect_delay': 123}
-    target = driver.prefetch_target(template, tdir)
-    assert isinstance(target, prefetch.NbdAddress)
-    assert (target.host, target.port, target.export) == (
-        '127.0.0.1', 10815, IMAGE)
 
 
 def test_snapshot_users_names_the_processes_holding_the_overlay(
@@ -758,3 +1151,19 @@ def test_ensure_snapshot_without_its_overlay_fails(driver, tdir, tmp_path):
     snap = records.Snapshot('i-1', IMAGE, records.READY)
     with pytest.raises(exception.BackendError, match='missing'):
         driver.ensure_snapshot(_template(), tdir, snap, str(tmp_path))
+
+
+def test_build_inspects_a_file_origin_again(driver, fakes, tdir, tmp_path):
+    """A rebuild (after a restart) opens the file by its path once more:
+    what lies there now is inspected before the daemon starts."""
+    path = tmp_path / 'disk.qcow2'
+    path.write_bytes(BACKED_HEAD)
+    template = _template(origin=records.Endpoint('file',
+                                                 {'path': str(path)}))
+    template.image_format = 'qcow2'
+    for build in (driver.create_template, driver.ensure_template):
+        with pytest.raises(exception.UnsafeImage, match='backing_file'):
+            build(template, tdir)
+    assert IMAGE not in fakes.daemons or fakes.daemons[IMAGE].starts == 0
+    assert fakes.qemu_img.runs == []
+    assert os.listdir(tdir) == []

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 
@@ -202,3 +203,22 @@ def test_secret_data_never_reaches_the_log(daemon, caplog):
     # qemu.qmp traced the message, masked.
     assert '"object-add"' in caplog.text
     assert 'Sekrit' not in caplog.text
+
+
+def test_start_gives_the_nbd_server_an_explicit_cap(run_path, monkeypatch):
+    """QEMU's own default (100 clients) is never left in place by the
+    agent: --nbd-server carries max-connections."""
+    ran = []
+
+    def run(cmd, **kwargs):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(storage_daemon.subprocess, 'run', run)
+    daemon = storage_daemon.StorageDaemon('t', run_path)
+    with pytest.raises(exception.BackendError, match='failed to start'):
+        daemon.start(nbd_server={'type': 'unix', 'path': '/run/t.nbd'},
+                     max_connections=7)
+    cmd, = ran
+    server = json.loads(cmd[cmd.index('--nbd-server') + 1])
+    assert server == {'addr': {'type': 'unix', 'path': '/run/t.nbd'},
+                      'max-connections': 7}

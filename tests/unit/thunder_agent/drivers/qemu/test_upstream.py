@@ -103,10 +103,186 @@ def test_describe_unix_and_tcp_sources():
     {'host': '192.0.2.1', 'port': True},
     {'socket': '/run/a,b.sock'},
     {'socket': 'relative.sock'},
+    # Python's ipaddress takes anything but '%' and '/' as an IPv6 scope
+    # id: this one closed socat's bracket and ran a command.
+    {'host': '::1%1]:10809!!SYSTEM:id>pwned #(', 'port': 10809},
+    {'host': '[::1%1]:1!!SYSTEM:id #(]', 'port': 10809},
+    {'host': 'fe80::1%eth0', 'port': 10809},
+    {'host': 'fe80::1%eth0,fork', 'port': 10809},
+    {'host': '[::1', 'port': 10809},
+    {'host': '::1]', 'port': 10809},
+    {'host': None, 'port': 10809},
 ])
 def test_describe_refuses_what_socat_would_parse(data):
     with pytest.raises(exception.BackendError):
         upstream.describe(records.Endpoint('nbd', data))
+
+
+def test_a_hostile_scope_id_runs_nothing(socat, run_path):
+    """The address that made socat run ``id`` as root: refused before any
+    process starts, so a connection to the forwarder runs nothing."""
+    up = upstream.Upstream(IMAGE, run_path)
+    with pytest.raises(exception.BackendError, match='neither an IP'):
+        up.start(records.Endpoint('nbd', {
+            'host': '::1%1]:10809!!SYSTEM:id>' + run_path + '/pwned #(',
+            'port': 10809}))
+    assert up.pid is None
+    assert not os.path.exists(up.socket)
+    assert os.listdir(run_path) == []
+
+
+@pytest.mark.parametrize('listen, target', [
+    ('UNIX-LISTEN:/x,fork,unlink-early,mode=600',
+     'TCP:[::1%1]:1!!SYSTEM:id'),
+    ('UNIX-LISTEN:/x,fork,unlink-early,mode=600', 'SYSTEM:id'),
+    ('UNIX-LISTEN:/x,fork,unlink-early,mode=600', 'TCP:1.2.3.4:1,fork'),
+    ('UNIX-LISTEN:/x,fork,unlink-early,mode=600!!SYSTEM:id',
+     'UNIX-CONNECT:/y'),
+    ('TCP4-LISTEN:1,bind=1.2.3.4,reuseaddr,fork,max-children=1,'
+     'backlog=1,nodelay,range=1.2.3.4/8,su=nobody', 'UNIX-CONNECT:/y'),
+])
+def test_only_the_shapes_this_module_makes_reach_socat(listen, target):
+    patterns = (upstream._LISTEN, upstream._TARGET)
+    with pytest.raises(exception.BackendError, match='refusing'):
+        for pattern, address in zip(patterns, (listen, target)):
+            upstream._checked(pattern, address)
+
+
+def test_relay_listener_describe():
+    assert upstream.RelayListener.describe(
+        '127.0.0.1', 10815, '/run/t/x.nbd', 12, '127.0.0.0/8') == (
+        'TCP4-LISTEN:10815,bind=127.0.0.1,reuseaddr,fork,max-children=12,'
+        'backlog=16,nodelay,range=127.0.0.0/8', 'UNIX-CONNECT:/run/t/x.nbd')
+    assert upstream.RelayListener.describe(
+        '2001:DB8::7', 10815, '/run/t/x.nbd', 3) == (
+        'TCP6-LISTEN:10815,bind=[2001:db8::7],reuseaddr,fork,'
+        'max-children=3,backlog=16,nodelay,ipv6only=1',
+        'UNIX-CONNECT:/run/t/x.nbd')
+    assert upstream.RelayListener.describe(
+        '::1', 1, '/s', 1, '::1/128')[0].endswith(',range=[::1]/128')
+    for bad in (('127.0.0.1,fork', 1, '/s', 1), ('127.0.0.1', 0, '/s', 1),
+                ('127.0.0.1', 1, '/a b', 1), ('::1%lo', 1, '/s', 1)):
+        with pytest.raises(exception.BackendError):
+            upstream.RelayListener.describe(*bad)
+
+
+def _connect_tcp(host, port):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    s = socket.socket(family)
+    s.settimeout(10)
+    s.connect((host, port))
+    return s
+
+
+def _free_tcp_port(host='127.0.0.1'):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Greeter:
+    """A unix socket server that says hello on each connection and keeps
+    it open until the test closes the server (an idle NBD client's
+    connection, as far as a forwarder can tell). ``open_at_accept`` holds,
+    for each connection, how many earlier ones were still open (not at
+    end of file) when it arrived."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(64)
+        self.conns = []
+        self.open_at_accept = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _is_open(conn):
+        try:
+            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b''
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.open_at_accept.append(
+                sum(self._is_open(c) for c in self.conns))
+            self.conns.append(conn)
+            conn.sendall(b'hello')
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize('host, network', [('127.0.0.1', '127.0.0.0/8'),
+                                           ('::1', '::1/128')])
+def test_relay_listener_forwards_caps_and_is_readopted(socat, run_path,
+                                                       host, network):
+    target = os.path.join(run_path, 'daemon.sock')
+    greeter = Greeter(target)
+    port = _free_tcp_port(host)
+    listener = upstream.RelayListener(IMAGE, run_path)
+    clients = []
+    try:
+        listener.start(host, port, target, 2, network)
+        assert listener.points_at(host, port, target, 2, network)
+        assert not listener.points_at(host, port, target, 3, network)
+        for _ in range(2):
+            clients.append(_connect_tcp(host, port))
+            assert clients[-1].recv(5) == b'hello'
+        # A third connects (the kernel's queue takes it) while two are
+        # served; it is forwarded only once one of them has left.
+        clients.append(_connect_tcp(host, port))
+        clients.pop(0).close()
+        assert clients[1].recv(5) == b'hello'
+        assert greeter.open_at_accept == [0, 1, 1]
+
+        # A restarted agent finds it from its pid file.
+        again = upstream.RelayListener(IMAGE, run_path)
+        assert again.pid == listener.pid
+        assert again.points_at(host, port, target, 2, network)
+        pid = listener.pid
+    finally:
+        for client in clients:
+            client.close()
+        listener.stop()
+        greeter.close()
+    assert not os.path.exists('/proc/%d' % pid)
+    assert listener.pid is None
+    listener.remove_log()
+    os.unlink(target)
+    assert os.listdir(run_path) == []
+
+
+def test_relay_listener_refuses_peers_outside_its_range(socat, run_path):
+    target = os.path.join(run_path, 'daemon.sock')
+    greeter = Greeter(target)
+    port = _free_tcp_port()
+    listener = upstream.RelayListener(IMAGE, run_path)
+    try:
+        # 127.0.0.1 is not in 127.0.0.2/32.
+        listener.start('127.0.0.1', port, target, 2, '127.0.0.2/32')
+        with _connect_tcp('127.0.0.1', port) as client:
+            # Closed at once, never forwarded, no slot taken.
+            assert client.recv(5) == b''
+        assert greeter.conns == []
+    finally:
+        listener.stop()
+        greeter.close()
 
 
 def test_forwarder_start_replace_stop(socat, run_path):
