@@ -135,7 +135,9 @@ def main(argv=None):
     if args.vm == 'real' and args.image:
         print('Error: --vm real boots the test image only', file=sys.stderr)
         return 2
-    workdir = args.workdir or tempfile.mkdtemp(prefix='thunder-bench-',
+    # Short: unix socket paths under it (an origin's QMP socket names the
+    # image id) must stay within sun_path's 107 bytes.
+    workdir = args.workdir or tempfile.mkdtemp(prefix='thb-',
                                                dir='/tmp')
     os.makedirs(workdir, exist_ok=True)
     try:
