@@ -60,10 +60,7 @@ def address(value):
     if unknown:
         raise exception.InvalidAddress(
             address=value, reason='unknown keys %s' % unknown)
-    host = value.get('host')
-    if not _valid_host(host):
-        raise exception.InvalidAddress(
-            address=value, reason='host must be a host name or IP address')
+    host = _host(value, value.get('host'))
     port = value.get('port')
     if isinstance(port, bool) or not isinstance(port, int) or not (
             0 < port <= 65535):
@@ -78,15 +75,38 @@ def address(value):
     return {'host': host, 'port': port, 'export': export}
 
 
-def _valid_host(host):
+def _host(value, host):
+    """*host* normalised: an IP literal in its compressed form, or a
+    strict host name.
+
+    An IPv6 scope id is refused: it names an interface of the host that
+    sent it, meaningless to the children it is handed to, and free text
+    (``fe80::1%eth0:x`` would reach an address grammar where ``:`` is a
+    separator). IPv4-mapped IPv6 is refused too: the same node would have
+    two spellings, and an agent's ``[relay] peer_networks`` of IPv4
+    networks would not see it as IPv4.
+    """
+    def refuse(reason):
+        raise exception.InvalidAddress(address=value, reason=reason)
+
     if not isinstance(host, str) or not host or len(host) > 253:
-        return False
+        refuse('host must be a host name or IP address')
+    if '%' in host:
+        refuse('IPv6 scope ids are not accepted')
     try:
-        ipaddress.ip_address(host)
-        return True
+        literal = ipaddress.ip_address(host)
     except ValueError:
-        pass
-    return all(_LABEL_RE.match(label) for label in host.split('.'))
+        literal = None
+    if literal is not None:
+        if literal.version == 6 and literal.ipv4_mapped:
+            refuse('give an IPv4-mapped address as IPv4')
+        if literal.is_unspecified or literal.is_multicast:
+            refuse('an unspecified or multicast address')
+        return str(literal)
+    if host.replace('.', '').isdigit() or not all(
+            _LABEL_RE.match(label) for label in host.split('.')):
+        refuse('host must be a host name or IP address')
+    return host
 
 
 def heartbeat(node, templates):
