@@ -42,6 +42,7 @@ import stat
 import uuid
 
 from oslo_log import log as logging
+from oslo_utils import strutils
 
 from thunder_agent import exception
 
@@ -369,12 +370,16 @@ _SECRET_KEYS = ('password', 'secret', 'key', 'token')
 
 
 def describe_origin(value):
-    """An origin (connection info dict) fit for a message: every value
-    whose key names a secret is replaced by ``***``."""
+    """An origin (connection info dict) fit for a message, a status or the
+    coordinator: oslo.utils' ``mask_dict_password`` (the keys os-brick and
+    Nova mask, at any depth: ``auth_password``,
+    ``discovery_auth_password``, ...), and besides every value whose key
+    names a secret is replaced by ``***``."""
     if not isinstance(value, dict):
         return repr(value)
     data = value.get('data')
     if isinstance(data, dict):
+        data = strutils.mask_dict_password(data)
         data = {k: ('***' if any(w in str(k).lower() for w in _SECRET_KEYS)
                     else v) for k, v in data.items()}
     return {'driver_volume_type': value.get('driver_volume_type'),

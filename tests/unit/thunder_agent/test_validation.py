@@ -417,3 +417,20 @@ def test_exception_messages_fill_templates():
     # Rebuilt from message and kwargs, as oslo.messaging does remotely.
     again = exception.CacheFull(str(e), **e.kwargs)
     assert str(again) == str(e) and again.kwargs == e.kwargs
+
+
+def test_describe_origin_masks_every_secret():
+    origin = {'driver_volume_type': 'iscsi', 'data': {
+        'target_portal': '192.0.2.1:3260', 'target_iqn': 'iqn.x:y',
+        'auth_method': 'CHAP', 'auth_username': 'u',
+        'auth_password': 'chap-secret-1',
+        'discovery_auth_password': 'chap-secret-2',
+        'encryption_key_id': 'key-3',
+        'extra': {'secret': 'nested-secret-4'}}}
+    described = validation.describe_origin(origin)
+    text = repr(described)
+    for secret in ('chap-secret-1', 'chap-secret-2', 'key-3',
+                   'nested-secret-4'):
+        assert secret not in text
+    assert described['data']['target_iqn'] == 'iqn.x:y'
+    assert described['data']['auth_username'] == 'u'
