@@ -6,8 +6,13 @@ replaced by stubs that record their calls.
 """
 
 import configparser
+import hashlib
+import hmac
 import os
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -18,6 +23,8 @@ DEVSTACK = os.path.join(ROOT, 'devstack')
 SEP = '\x1f'
 
 HARNESS = r'''
+# errexit as stack.sh runs, and pipefail: the plugin must pass both.
+set -o errexit -o pipefail
 LOG=$1; shift
 function _log {
     local a
@@ -30,7 +37,22 @@ function inidelete { _log inidelete "$@"; }
 function run_process { _log run_process "$@"; }
 function stop_process { _log stop_process "$@"; }
 function echo_summary { _log echo_summary "$@"; }
-function sudo { _log sudo "$@"; }
+function sudo {
+    # rabbitmqctl: its password arrives on standard input; the listings
+    # come from the test.
+    if [[ "$1" == rabbitmqctl ]]; then
+        case "$2 $3" in
+            "add_user "*|"change_password "*)
+                _log sudo "$@" "stdin=$(cat)"; return;;
+            "-q list_users") printf '%b' "$RABBIT_USERS_LIST";;
+            "-q list_vhosts") printf '%b' "$RABBIT_VHOSTS_LIST";;
+        esac
+    fi
+    _log sudo "$@"
+}
+function touch { _log touch "$@"; }
+function chmod { _log chmod "$@"; }
+function die { shift; echo "$*" >&2; exit 1; }
 function qemu-img { _log qemu-img "$@"; }
 function mktemp { echo /nonexistent/thunder-tmp; }
 function get_transport_url { echo rabbit://stackrabbit:secret@10.0.0.5:5672/; }
@@ -61,6 +83,7 @@ function openstack {
         *"image show"*) return "$IMAGE_EXISTS";;
     esac
 }
+RABBIT_PASSWORD=${RABBIT_PASSWORD-secret}
 DEST=/opt/stack
 DATA_DIR=/opt/stack/data
 NOVA_CPU_CONF=/etc/nova/nova-cpu.conf
@@ -76,21 +99,38 @@ source "$DEVSTACK/plugin.sh" "$@"
 '''
 
 ALL = 'key,g-api,c-api,c-vol,n-api,n-cpu,n-cond,n-sch'
+HOST = 'compute-1'
+BROKER = '10.0.0.5:5672'
+
+
+def password(user, secret='secret'):
+    return hmac.new(secret.encode(), user.encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def url(user, secret='secret'):
+    return 'rabbit://%s:%s@%s/thunder' % (user, password(user, secret),
+                                          BROKER)
 
 
 def run_phase(tmp_path, *phase, services=ALL, type_exists=False,
-              image_exists=False, disable=False, **settings):
+              image_exists=False, disable=False, users='', vhosts='',
+              check=True, **settings):
     log = tmp_path / ('log-%s' % '-'.join(phase))
     log.write_text('')
     env = {'PATH': os.environ['PATH'], 'DEVSTACK': DEVSTACK,
            'ENABLED_SERVICES': services,
            'TYPE_EXISTS': '0' if type_exists else '1',
            'IMAGE_EXISTS': '0' if image_exists else '1',
-           'DISABLE': '1' if disable else '0'}
+           'DISABLE': '1' if disable else '0',
+           'RABBIT_USERS_LIST': users, 'RABBIT_VHOSTS_LIST': vhosts,
+           'THUNDER_HOST': HOST}
     env.update(settings)
     proc = subprocess.run(['bash', '-c', HARNESS, 'harness', str(log)] +
                           list(phase), env=env, capture_output=True,
                           text=True, timeout=60)
+    if not check:
+        return proc
     assert proc.returncode == 0, proc.stderr
     calls = [tuple(line.split(SEP)[:-1])
              for line in log.read_text().splitlines() if line]
@@ -126,14 +166,19 @@ def test_install(tmp_path):
 
 
 def test_post_config(tmp_path):
+    """A compute node: each service with its own RabbitMQ user."""
     calls = run_phase(tmp_path, 'stack', 'post-config')
     agent = '/etc/nova-thunder/thunder-agent.conf'
+    coordinator = '/etc/nova-thunder/thunder-coordinator.conf'
     cpu = '/etc/nova/nova-cpu.conf'
-    url = 'rabbit://stackrabbit:secret@10.0.0.5:5672/'
     assert calls == [
         ('sudo', 'install', '-d', '-o', 'stack', '/etc/nova-thunder'),
+        ('touch', agent),
+        ('chmod', '0600', agent),
         ('iniset', agent, 'DEFAULT', 'debug', 'True'),
-        ('iniset', agent, 'DEFAULT', 'transport_url', url),
+        ('iniset', agent, 'DEFAULT', 'host', HOST),
+        ('iniset', agent, 'DEFAULT', 'transport_url',
+         url('thunder-agent.compute-1')),
         ('iniset', agent, 'agent', 'backend', 'qemu'),
         ('iniset', agent, 'agent', 'state_path',
          '/opt/stack/data/thunder-agent'),
@@ -141,17 +186,209 @@ def test_post_config(tmp_path):
         ('iniset', agent, 'agent', 'file_origin_dirs',
          '/opt/stack/data/glance/images'),
         ('iniset', agent, 'cache', 'size_limit_mb', '10240'),
+        ('touch', coordinator),
+        ('chmod', '0600', coordinator),
+        ('iniset', coordinator, 'DEFAULT', 'debug', 'True'),
+        ('iniset', coordinator, 'DEFAULT', 'transport_url',
+         url('thunder-coordinator')),
         ('iniset', cpu, 'thunder', 'enabled', 'True'),
         ('iniset', cpu, 'thunder', 'backend', 'qemu'),
         ('iniset', cpu, 'thunder', 'volume_types', 'thunder'),
         ('iniset', cpu, 'thunder', 'image_origin',
          'file:///opt/stack/data/glance/images/{image_id}'),
+        ('iniset', cpu, 'thunder', 'agent_host', HOST),
         ('iniset', cpu, 'thunder', 'agent_state_path',
          '/opt/stack/data/thunder-agent'),
         ('iniset', cpu, 'thunder', 'agent_run_path', '/run/thunder-agent'),
-        ('iniset', cpu, 'thunder', 'transport_url', url),
+        ('iniset', cpu, 'thunder', 'transport_url',
+         url('thunder-nova.compute-1')),
         ('iniset', cpu, 'thunder', 'control_exchange', 'openstack'),
     ]
+    # The passwords are derived, not on any command line.
+    assert not any(c[0] in ('sudo', 'touch', 'chmod') and any(
+        password('thunder-agent.compute-1') in a for a in c) for c in calls)
+
+
+def test_post_config_host_defaults_to_the_host_name(tmp_path):
+    calls = run_phase(tmp_path, 'stack', 'post-config', THUNDER_HOST='')
+    host = socket.gethostname()
+    assert ('iniset', '/etc/nova-thunder/thunder-agent.conf', 'DEFAULT',
+            'host', host) in calls
+    assert ('iniset', '/etc/nova/nova-cpu.conf', 'thunder', 'agent_host',
+            host) in calls
+
+
+def test_post_config_without_rabbit_users(tmp_path):
+    """THUNDER_RABBIT_USERS=False: devstack's stackrabbit everywhere."""
+    calls = run_phase(tmp_path, 'stack', 'post-config',
+                      services=ALL + ',rabbit', THUNDER_RABBIT_USERS='False')
+    devstack_url = 'rabbit://stackrabbit:secret@10.0.0.5:5672/'
+    urls = [c[-1] for c in calls if c[0] == 'iniset' and
+            c[-2] == 'transport_url']
+    assert urls == [devstack_url] * 3
+    assert not any('rabbitmqctl' in c for c in calls)
+
+
+def test_post_config_refuses_a_host_that_is_not_a_name(tmp_path):
+    for bad in ('a b', 'host/x', '-x', 'x|y'):
+        proc = run_phase(tmp_path, 'stack', 'post-config', check=False,
+                         THUNDER_HOST=bad)
+        assert proc.returncode != 0
+        assert 'is not a host name' in proc.stderr
+    proc = run_phase(tmp_path, 'stack', 'post-config', check=False,
+                     services=ALL + ',rabbit', THUNDER_RABBIT_HOSTS='a,(b)')
+    assert proc.returncode != 0
+    assert "'(b)' is not a host name" in proc.stderr
+
+
+def test_post_config_needs_a_secret(tmp_path):
+    proc = run_phase(tmp_path, 'stack', 'post-config', check=False,
+                     RABBIT_PASSWORD='')
+    assert proc.returncode != 0
+    assert 'THUNDER_RABBIT_SECRET' in proc.stderr
+
+
+E = 'openstack'
+A = r'thunder-agent'
+C = r'thunder-coordinator'
+U = '[0-9a-f]{32}'
+
+
+def expected_users(host_re):
+    """(user, configure, write, read, topic write, topic read) of the
+    coordinators and of host *host_re* (a regex)."""
+    return [
+        ('thunder-coordinator',
+         r'^(%s|%s|%s\..+|%s_fanout|%s_fanout_%s)$' % (E, C, C, C, C, U),
+         r'^(amq\.default|%s|%s\..+|%s_fanout_%s)$' % (C, C, C, U),
+         r'^(%s|%s|%s\..+|%s_fanout|%s_fanout_%s)$' % (E, C, C, C, C, U),
+         '^$', r'^%s(\..+)?$' % C),
+    ] + [(user % h,) + tuple(perms) for h, hr in host_re for user, *perms in (
+        ('thunder-agent.%s',
+         r'^(%s|%s|%s\.%s|%s_fanout|%s_fanout_%s|reply_%s)$' % (
+             E, A, A, hr, A, A, U, U),
+         r'^(%s|amq\.default|%s|%s\.%s|%s_fanout_%s)$' % (E, A, A, hr, A, U),
+         r'^(%s|%s|%s\.%s|%s_fanout|%s_fanout_%s|reply_%s)$' % (
+             E, A, A, hr, A, A, U, U),
+         r'^(%s|%s\.%s)$' % (C, A, hr), r'^%s(\.%s)?$' % (A, hr)),
+        ('thunder-nova.%s', r'^(%s|reply_%s)$' % (E, U), '^%s$' % E,
+         '^reply_%s$' % U, r'^%s\.%s$' % (A, hr), '^$'))]
+
+
+def test_post_config_on_the_rabbit_node_creates_the_users(tmp_path):
+    calls = run_phase(tmp_path, 'stack', 'post-config',
+                      services=ALL + ',rabbit',
+                      THUNDER_RABBIT_HOSTS='compute-1, compute.2')
+    ctl = [c[2:] for c in calls if c[:2] == ('sudo', 'rabbitmqctl')]
+    expected = [('-q', 'list_vhosts'), ('add_vhost', 'thunder')]
+    for user, configure, write, read, twrite, tread in expected_users(
+            [('compute-1', 'compute-1'), ('compute.2', r'compute\.2')]):
+        expected += [
+            ('-q', 'list_users'),
+            ('add_user', user, 'stdin=' + password(user)),
+            ('set_permissions', '-p', 'thunder', user, configure, write,
+             read),
+            ('set_topic_permissions', '-p', 'thunder', user, 'openstack',
+             twrite, tread)]
+    assert ctl == expected
+    # Before the local services are configured.
+    assert calls.index(('sudo', 'rabbitmqctl', '-q', 'list_vhosts')) == 0
+
+
+def test_post_config_on_the_rabbit_node_again(tmp_path):
+    """A second stack: the vhost stays, the passwords are set again."""
+    calls = run_phase(tmp_path, 'stack', 'post-config',
+                      services=ALL + ',rabbit', vhosts='/\\nthunder\\n',
+                      users='user\\ttags\\nthunder-coordinator\\t[]\\n'
+                            'thunder-agent.compute-1\\t[]\\n',
+                      THUNDER_RABBIT_SECRET='other')
+    ctl = [c[2:4] for c in calls if c[:2] == ('sudo', 'rabbitmqctl')]
+    assert ('add_vhost', 'thunder') not in ctl
+    assert ('change_password', 'thunder-coordinator') in ctl
+    assert ('change_password', 'thunder-agent.compute-1') in ctl
+    assert ('add_user', 'thunder-nova.compute-1') in ctl
+    assert ('sudo', 'rabbitmqctl', 'change_password',
+            'thunder-agent.compute-1',
+            'stdin=' + password('thunder-agent.compute-1', 'other')) in calls
+    assert ('iniset', '/etc/nova-thunder/thunder-agent.conf', 'DEFAULT',
+            'transport_url', url('thunder-agent.compute-1', 'other')) in calls
+
+
+def test_permissions_confine_each_host(tmp_path):
+    """The regexes as RabbitMQ applies them (unanchored search; these use
+    no construct where Erlang's re and Python's differ)."""
+    calls = run_phase(tmp_path, 'stack', 'post-config',
+                      services=ALL + ',rabbit',
+                      THUNDER_RABBIT_HOSTS='host-a,host.b')
+    perms = {c[5]: c[6:9] for c in calls if c[2:3] == ('set_permissions',)}
+    topics = {c[5]: c[7:9] for c in calls
+              if c[2:3] == ('set_topic_permissions',)}
+
+    def can(user, what, name):
+        regex = dict(zip(('configure', 'write', 'read'), perms[user]))[what]
+        return re.search(regex, name) is not None
+
+    fanout = 'thunder-agent_fanout_' + 'ab' * 16
+    reply = 'reply_' + '0f' * 16
+    agent_a = 'thunder-agent.host-a'
+    for what in ('configure', 'read'):
+        assert can(agent_a, what, 'thunder-agent.host-a')
+        assert not can(agent_a, what, 'thunder-agent.host.b')
+        assert not can(agent_a, what, 'thunder-agent.host-a2')
+        assert not can(agent_a, what, 'thunder-coordinator')
+        assert not can(agent_a, what, 'thunder-coordinator.c1')
+        assert can(agent_a, what, fanout) and can(agent_a, what, reply)
+        assert can('thunder-agent.host.b', what, 'thunder-agent.host.b')
+        # The dot is a dot.
+        assert not can('thunder-agent.host.b', what, 'thunder-agent.hostxb')
+        assert can('thunder-coordinator', what, 'thunder-coordinator.c1')
+        assert not can('thunder-coordinator', what, 'thunder-agent.host-a')
+        assert not can('thunder-nova.host-a', what, 'thunder-agent.host-a')
+    assert not can(agent_a, 'write', reply)
+    assert can('thunder-nova.host-a', 'read', reply)
+    assert not can('thunder-nova.host-a', 'write', 'amq.default')
+    assert not can('thunder-coordinator', 'write', 'openstack')
+    assert can(agent_a, 'write', 'amq.default')
+    assert not can(agent_a, 'write', 'thunder-agent_fanout')
+    # Routing keys on the control exchange: (write, read).
+    assert re.search(topics['thunder-nova.host-a'][0],
+                     'thunder-agent.host-a')
+    assert not re.search(topics['thunder-nova.host-a'][0],
+                         'thunder-agent.host.b')
+    assert not re.search(topics['thunder-nova.host-a'][0], 'thunder-agent')
+    assert not re.search(topics['thunder-nova.host-a'][1], 'thunder-agent')
+    assert re.search(topics[agent_a][1], 'thunder-agent.host-a')
+    assert re.search(topics[agent_a][1], 'thunder-agent')
+    assert not re.search(topics[agent_a][1], 'thunder-agent.host.b')
+    assert re.search(topics[agent_a][0], 'thunder-coordinator')
+    assert not re.search(topics[agent_a][0], 'thunder-agent.host.b')
+    assert not re.search(topics['thunder-coordinator'][0],
+                         'thunder-agent.host-a')
+
+
+def test_operator_guide_shows_the_plugin_commands(tmp_path):
+    """doc/operators.rst "RabbitMQ users" lists the commands the plugin
+    runs for compute-1 (passwords aside)."""
+    calls = run_phase(tmp_path, 'stack', 'post-config',
+                      services=ALL + ',rabbit')
+    plugin = [c[1:] for c in calls if c[:2] == ('sudo', 'rabbitmqctl') and
+              c[2].startswith('set_')]
+    with open(os.path.join(ROOT, 'doc', 'operators.rst')) as f:
+        text = f.read()
+    section = text[text.index('\nRabbitMQ users\n===='):]
+    # Up to the next section title.
+    section = re.split(r'\n\n[^\n]+\n=+\n', section[1:], maxsplit=1)[0]
+    assert 'What this enforces' in section
+    doc = []
+    command = ''
+    for line in section.splitlines():
+        line = line.strip()
+        if command or line.startswith('rabbitmqctl set_'):
+            command += line.rstrip('\\') + ' '
+            if not line.endswith('\\'):
+                doc.append(tuple(shlex.split(command)))
+                command = ''
+    assert doc == plugin
 
 
 def test_post_config_honours_local_conf(tmp_path):
@@ -173,7 +410,8 @@ def test_extra_starts_services_and_switches_nova_compute(tmp_path):
     admin = ('openstack', '--os-cloud', 'devstack-admin')
     assert calls == [
         ('run_process', 'thunder-coordinator',
-         '/usr/local/bin/thunder-coordinator --config-file ' + conf),
+         '/usr/local/bin/thunder-coordinator --config-file '
+         '/etc/nova-thunder/thunder-coordinator.conf'),
         ('run_process', 'thunder-agent',
          '/usr/local/bin/thunder-agent --config-file ' + conf, '', 'root'),
         ('stop_process', 'n-cpu'),
@@ -237,7 +475,7 @@ def test_clean(tmp_path):
         admin + ('volume', 'type', 'delete', 'thunder'),
     ] + [('inidelete', cpu, 'thunder', opt) for opt in (
         'enabled', 'backend', 'volume_types', 'image_origin',
-        'agent_state_path', 'agent_run_path', 'transport_url',
+        'agent_host', 'agent_state_path', 'agent_run_path', 'transport_url',
         'control_exchange')] + [
         ('sudo', 'rm', '-rf', '/opt/stack/data/thunder-agent',
          '/run/thunder-agent', '/etc/nova-thunder')]

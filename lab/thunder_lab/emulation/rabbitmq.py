@@ -18,6 +18,7 @@ import time
 from thunder_lab.emulation import netutil
 
 SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
+CTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
 
 def epmd_pids(port):
@@ -89,14 +90,16 @@ class RabbitMQ:
             RABBITMQ_CONFIG_FILE=os.path.join(self.dir, 'rabbitmq'),
             RABBITMQ_PID_FILE=os.path.join(self.dir, 'rabbit.pid'),
         )
-        cmd = [SERVER]
+        self.env = env
+        self._as = []
         if os.geteuid() == 0:
             user = pwd.getpwnam('rabbitmq')
             for root, dirs, files in os.walk(self.dir):
                 for name in dirs + files + ['.']:
                     os.chown(os.path.join(root, name), user.pw_uid,
                              user.pw_gid)
-            cmd = ['runuser', '-u', 'rabbitmq', '--'] + cmd
+            self._as = ['runuser', '-u', 'rabbitmq', '--']
+        cmd = self._as + [SERVER]
         self.log = open(os.path.join(self.dir, 'console.log'), 'wb')
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT,
@@ -108,6 +111,25 @@ class RabbitMQ:
             self.stop()
             raise RabbitMQUnavailable('RabbitMQ did not start: %s' % tail)
         return self
+
+    def ctl_command(self):
+        """The command line of ``rabbitmqctl`` for this broker (to be run
+        with :attr:`env`, as the broker itself runs: same user, same
+        Erlang cookie, same epmd)."""
+        return self._as + [CTL, '-n', self.env['RABBITMQ_NODENAME']]
+
+    def ctl(self, *args, input=None, timeout=120):
+        """Run ``rabbitmqctl ARGS`` against this broker; its output.
+
+        Raises RuntimeError with rabbitmqctl's words when it fails.
+        """
+        proc = subprocess.run(self.ctl_command() + list(args), env=self.env,
+                              input=input, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError('rabbitmqctl %s: %s' % (
+                ' '.join(args), (proc.stderr or proc.stdout).strip()))
+        return proc.stdout
 
     def console_tail(self, n=2000):
         try:
