@@ -116,11 +116,45 @@ agent_opts = [
 cache_group = cfg.OptGroup('cache', title='Local template cache')
 cache_opts = [
     cfg.IntOpt('size_limit_mb', default=20480, min=1,
-               help='Upper bound in MiB for the disk space used by template '
-                    'caches on this host. When a new template is needed and '
-                    'the limit is reached, idle templates are evicted, '
-                    'least recently used first; templates with snapshots or '
-                    'children are never evicted.'),
+               help='Upper bound in MiB for the disk space template caches '
+                    'on this host may take, each counted at the size it may '
+                    'grow to (the image\'s virtual size and the cache\'s '
+                    'metadata: any reader of the template, a VM, a child '
+                    'node or an NBD_CMD_CACHE request, may make it cache '
+                    'the whole image), not at what it holds now. A new '
+                    'template that would take the sum over the limit '
+                    'evicts idle templates, least recently used first, and '
+                    'is refused (CacheLimitExceeded) when none is left; '
+                    'templates with snapshots or children are never '
+                    'evicted. The default, 20 GiB, holds nine images of '
+                    '2 GiB virtual size with the qemu driver (each cache '
+                    '2 GiB plus 0.02 %), four with the kernel driver (each '
+                    'counted at twice the image plus 1 GiB).'),
+    cfg.IntOpt('reserve_mb', default=1024, min=0,
+               help='MiB of the file system under [agent] state_path that '
+                    'template caches never take: a new template is admitted '
+                    'only when its cache at full size, plus what the other '
+                    'caches may still grow by, fits in the free space '
+                    '(statvfs f_bavail) minus this reserve (or '
+                    'reserve_percent, whichever is larger); otherwise idle '
+                    'templates are evicted, and then it is refused '
+                    '(InsufficientDiskSpace). So a cache never fills the '
+                    'disk, where a copy-on-read fill that cannot be written '
+                    'fails the VM\'s read. The reserve is what the rest of '
+                    'the state needs: records (under 4 KiB each, 4 MiB for '
+                    '1,000 templates and snapshots) and, above all, VM '
+                    'writes into snapshot overlays, which are not counted '
+                    'ahead. 1 GiB leaves ten VMs 100 MiB of writes each (a '
+                    'rough figure for a first boot: logs, cloud-init, '
+                    'package caches; measure your images).'),
+    cfg.IntOpt('reserve_percent', default=2, min=0, max=50,
+               help='The same reserve as a share of the size of the file '
+                    'system under [agent] state_path; the larger of the two '
+                    'applies. Overlays grow with the number of VMs, which '
+                    'grows with the disk: 2 % of a 1 TiB disk is 20 GiB. '
+                    'The file system\'s own root reserve (5 % on ext4) is '
+                    'not counted in: free space is what unprivileged users '
+                    'may take.'),
     cfg.IntOpt('cluster_size', default=65536,
                help='Cache granularity in bytes (qcow2 cluster size of a '
                     'cache file): a read miss fetches whole clusters. A '

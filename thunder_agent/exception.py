@@ -179,3 +179,39 @@ class InvalidTrace(InvalidInput):
 
 class PrefetchFailed(ThunderException):
     msg_fmt = "Prefetch from %(address)s failed: %(reason)s"
+
+
+class CacheLimitExceeded(CacheFull):
+    """A new template's cache could outgrow ``[cache] size_limit_mb``.
+
+    Counted at full size (what every template's cache may grow to once
+    VMs, children or NBD_CMD_CACHE read all of it), not at what it holds
+    now. Raised before anything of the template is created; nova-compute
+    shows the message in the instance fault.
+    """
+    msg_fmt = ("No room for the template of image %(image_id)s on this "
+               "host: its cache may grow to %(needed_mb)d MiB and the other "
+               "templates' caches to %(committed_mb)d MiB, over [cache] "
+               "size_limit_mb (%(limit_mb)d MiB); no idle template is left "
+               "to evict.")
+    client_error = True
+
+
+class InsufficientDiskSpace(CacheFull):
+    """The file system of ``[agent] state_path`` cannot hold a new
+    template's cache at full size on top of what the other caches may
+    still grow by, with ``[cache] reserve_mb`` / ``reserve_percent`` left
+    over. Raised before anything of the template is created."""
+    msg_fmt = ("No room for the template of image %(image_id)s on this "
+               "host: its cache may grow to %(needed_mb)d MiB and the other "
+               "templates' caches by %(uncached_mb)d MiB more, but "
+               "%(free_mb)d MiB of the state file system are free and "
+               "%(reserve_mb)d MiB of it is kept in reserve; no idle "
+               "template is left to evict.")
+    client_error = True
+
+
+class RecordNotSaved(ThunderException):
+    """A record could not be written (a full disk, a read-only file
+    system). The record on disk is the previous one, intact."""
+    msg_fmt = "The record of %(kind)s %(name)s could not be saved: %(reason)s"

@@ -26,6 +26,34 @@ Records are saved at every state transition (see :mod:`thunder_agent.
 records`) and whenever the data plane changes; ``last_used_at`` alone is
 saved lazily by housekeeping. Every public method validates its arguments
 before it touches anything, so a refused request changes nothing.
+
+Disk space is promised, never hoped for. Any reader of a template (a VM, a
+child node, the prefetcher, an NBD_CMD_CACHE request) may make it cache
+the whole image, and a copy-on-read fill that cannot be written fails the
+read that caused it: a VM read error. So a template is admitted only when
+its cache at full size (:meth:`~thunder_agent.drivers.base.Driver.
+cache_capacity`: for the qemu driver the qcow2 file of the image's virtual
+size with all its metadata) fits both under ``[cache] size_limit_mb``,
+with every other template counted at its full size, and in the free space
+of the state file system (statvfs ``f_bavail``) less ``[cache] reserve_mb``
+/ ``reserve_percent``, with every other template counted at what it may
+still grow by. Idle templates are evicted to make room, least recently used
+first; then the template is refused (InsufficientDiskSpace,
+CacheLimitExceeded) before anything of it exists. Admission decisions are
+taken one at a time and count every template admitted before, built or
+being built, so concurrent admissions never promise the same space
+twice. On a full disk all the same (VM overlays grow into the
+reserve, which is not promised ahead), status reads, a record that cannot
+be written keeps the previous one on disk (typed RecordNotSaved where a
+transition depends on it, saved later where the data plane already
+changed), and deletes, which free space, go on.
+
+Every wait of the manager has a deadline of its own besides the driver's:
+parent probes ([relay] parent_probe_timeout plus PROBE_MARGIN), readiness
+polls (the parent wait), status figures (STATUS_WAIT for all templates
+together) and the flushes of a stop (STOP_FLUSH_WAIT for all together).
+A driver call that outlives its deadline is left to finish in its thread
+(its own timeouts end it); nobody waits for it, no lock is held by it.
 """
 
 import concurrent.futures
@@ -39,6 +67,7 @@ from oslo_log import log as logging
 from oslo_utils import excutils
 
 from thunder_agent import drivers
+from thunder_agent.drivers import base as drivers_base
 from thunder_agent import exception
 from thunder_agent import prefetch as prefetch_mod
 from thunder_agent.records import CREATING
@@ -59,6 +88,24 @@ MIB = 1024 * 1024
 SHARED_WAIT = 60.0
 # Time left to answer Nova after a parent wait that had to be cut short.
 ANSWER_MARGIN = 10.0
+# get_status waits this long for the figures of all templates together
+# (each template's come from the driver: for the qemu driver a flush,
+# [qemu] flush_timeout 10 s, and a qemu-img map, command_timeout 60 s).
+# A template whose figures are late shows an error instead, and its call
+# is not repeated while it runs. 20 s is a third of oslo.messaging's
+# default rpc_response_timeout (60 s), so thunder-admin always gets an
+# answer.
+STATUS_WAIT = 20.0
+# Threads computing status figures (a hung one holds one thread).
+STATS_WORKERS = 4
+# stop() flushes every template at once and waits this long for all of
+# them: a hung data plane delays a stop (a service restart) by 30 s, not
+# by [qemu] flush_timeout per template. What is not flushed then is
+# fetched again after a crash of the data plane, never lost.
+STOP_FLUSH_WAIT = 30.0
+# A parent probe counts as failed [relay] parent_probe_timeout plus this
+# after it started, whether or not the driver's call has returned.
+PROBE_MARGIN = 1.0
 
 
 class _Entry:
@@ -76,6 +123,9 @@ class _Entry:
         self.dirty = False          # record changed, not saved yet
         self.prefetcher = None
         self.in_flight = set()      # background jobs queued or running
+        self.stats_job = None       # the future computing its figures
+        # Its cache counts in every admission (it exists or was admitted).
+        self.admitted = False
 
     def view(self):
         """A copy of the record to hand to a driver (cond held)."""
@@ -90,15 +140,22 @@ class _SnapEntry:
 
 class AgentManager:
     def __init__(self, conf, driver=None, relay=None, store=None,
-                 clock=time.monotonic, wall_clock=time.time):
+                 clock=time.monotonic, wall_clock=time.time,
+                 statvfs=os.statvfs):
         self.conf = conf
         self.host = conf.host
         self.driver = driver or drivers.load(conf.agent.backend, conf)
         self.store = store or store_mod.StateStore(conf.agent.state_path)
         self._clock = clock
         self._wall = wall_clock
+        self._statvfs = statvfs
         # An RLock only so that tests can ask whether a thread holds it.
         self._map_lock = threading.RLock()
+        # Serialises admission decisions (arithmetic over stat and statvfs
+        # calls, never an eviction, RPC or subprocess): two new templates
+        # never both get the same free space, and neither is refused for
+        # the other's unadmitted need.
+        self._admission_lock = threading.Lock()
         self.templates = {}
         self.snapshots = {}
         self.relay = relay
@@ -107,6 +164,8 @@ class AgentManager:
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=conf.agent.background_workers,
             thread_name_prefix='thunder-worker')
+        self._stats_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=STATS_WORKERS, thread_name_prefix='thunder-stats')
 
     # -- lifecycle -------------------------------------------------------
     def start(self):
@@ -121,7 +180,8 @@ class AgentManager:
         self.driver.start()
         loaded = self.store.load()
         for image_id, record in loaded.templates.items():
-            self.templates[image_id] = _Entry(record)
+            self.templates[image_id] = entry = _Entry(record)
+            entry.admitted = True
         for instance_id, record in loaded.snapshots.items():
             self.snapshots[instance_id] = _SnapEntry(record)
             entry = self.templates.get(record.image_id)
@@ -136,19 +196,51 @@ class AgentManager:
                                        self.conf.relay.port_max + 1)))
 
     def stop(self):
-        """Flush caches and save records; the data plane keeps running."""
+        """Flush caches and save records; the data plane keeps running.
+
+        The flushes run side by side, STOP_FLUSH_WAIT for all of them.
+        """
+        views = []
         for entry in self._entries():
             if entry.prefetcher is not None:
                 entry.prefetcher.cancel()
             with entry.cond:
-                ready = entry.record.state == READY and not entry.gone
-                view = entry.view()
-            if ready:
-                with contextlib.suppress(exception.ThunderException):
-                    self.driver.flush_template(view, self._tdir(view))
+                if entry.record.state == READY and not entry.gone:
+                    views.append(entry.view())
+        self._flush_all(views, STOP_FLUSH_WAIT)
+        for entry in self._entries():
             self._save_if_dirty(entry)
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
         self.driver.stop()
+
+    def _flush_all(self, views, seconds):
+        """Flush the templates of *views* at once, waiting *seconds* at
+        most for all of them."""
+        if not views:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(16, len(views)), thread_name_prefix='thunder-stop')
+        try:
+            futures = {pool.submit(self.driver.flush_template, view,
+                                   self._tdir(view)): view.image_id
+                       for view in views}
+            done, late = concurrent.futures.wait(futures, timeout=seconds)
+        finally:
+            # A hung flush ends by the driver's own timeout, unwaited.
+            pool.shutdown(wait=False, cancel_futures=True)
+        for future in done:
+            error = future.exception()
+            if isinstance(error, exception.ThunderException):
+                LOG.warning('Template %s not flushed: %s', futures[future],
+                            error)
+            elif error is not None:
+                LOG.error('Template %s not flushed', futures[future],
+                          exc_info=error)
+        for future in late:
+            LOG.warning('Template %s not flushed within %.0f s: blocks it '
+                        'cached since its last flush are fetched again if '
+                        'its data plane crashes', futures[future], seconds)
 
     def _reconcile(self):
         for entry in self._entries():
@@ -207,7 +299,13 @@ class AgentManager:
                 continue
             if info != snap.record.connection_info:
                 snap.record.connection_info = info
-                self.store.save_snapshot(snap.record)
+                try:
+                    self.store.save_snapshot(snap.record)
+                except OSError as e:
+                    # The VM runs on what ensure_snapshot restored; the
+                    # record is written again at the next restore.
+                    LOG.warning('Record of snapshot %s not saved: %s',
+                                instance_id, e)
 
     # -- helpers ---------------------------------------------------------
     def _tdir(self, record):
@@ -314,14 +412,44 @@ class AgentManager:
             return None
 
     def _save(self, entry):
-        """Save the record (entry.cond held)."""
-        self.store.save_template(entry.record)
+        """Save the record (entry.cond held).
+
+        Raises RecordNotSaved when it cannot be written (a full disk): the
+        record on disk stays the previous one, and the entry stays dirty
+        so that housekeeping tries again.
+        """
+        entry.dirty = True
+        try:
+            self.store.save_template(entry.record)
+        except OSError as e:
+            raise exception.RecordNotSaved(
+                kind='template', name=entry.record.image_id,
+                reason=e.strerror or str(e)) from e
         entry.dirty = False
+
+    def _save_or_defer(self, entry):
+        """Save the record, or leave it to housekeeping when the disk
+        refuses (entry.cond held): for changes the data plane has made
+        already, which a failed save must not undo."""
+        try:
+            self._save(entry)
+        except exception.RecordNotSaved as e:
+            LOG.warning('%s; it is saved once the disk takes it', e)
 
     def _save_if_dirty(self, entry):
         with entry.cond:
             if entry.dirty and not entry.gone:
-                self._save(entry)
+                self._save_or_defer(entry)
+
+    def _save_snapshot(self, record):
+        """Save a snapshot's record; RecordNotSaved when it cannot be
+        written (the previous one stays on disk)."""
+        try:
+            self.store.save_snapshot(record)
+        except OSError as e:
+            raise exception.RecordNotSaved(
+                kind='snapshot', name=record.instance_id,
+                reason=e.strerror or str(e)) from e
 
     def _touch(self, entry):
         with entry.cond:
@@ -371,7 +499,7 @@ class AgentManager:
                             existing=_describe(existing),
                             asked=_describe(asked))
             self._touch(entry)
-            return self._status(entry, stats=False)
+            return self._status(entry)
 
     def _build(self, entry, deadline):
         """Build a new template (entry.exclusive == 'create', no lock)."""
@@ -384,7 +512,8 @@ class AgentManager:
                 raise exception.InvalidSize(
                     size=record.size,
                     reason='larger than the origin (%d bytes)' % info.size)
-            self._make_room(exclude=image_id)
+            # Before anything of it exists: a refusal leaves nothing.
+            self._make_room(entry)
             relaying = bool(self.relay) and self.driver.can_relay(
                 image_id, record.origin)
             if relaying:
@@ -397,17 +526,20 @@ class AgentManager:
                 self._save(entry)
                 view = entry.view()
             built = self.driver.create_template(view, self._tdir(view))
+            with entry.cond:
+                record.export = built.export
+                if built.driver_state is not None:
+                    record.driver_state = built.driver_state
+                record.state = READY
+                # A record left CREATING would be undone at the next start
+                # under the VMs using it: no answer to Nova without it.
+                self._save(entry)
         except BaseException as e:
             with excutils.save_and_reraise_exception():
                 LOG.error('Template %s not created: %s', image_id, e)
                 entry.error = e
                 self._discard_build(entry)
         with entry.cond:
-            record.export = built.export
-            if built.driver_state is not None:
-                record.driver_state = built.driver_state
-            record.state = READY
-            self._save(entry)
             entry.exclusive = None
             entry.cond.notify_all()
         LOG.info('Template %s ready in %.1f s (%d bytes, %s origin, '
@@ -506,16 +638,29 @@ class AgentManager:
                      placement.parent)
 
     def _wait_ready(self, source, seconds):
+        """Poll the driver until *source* serves; False after *seconds*
+        (plus PROBE_MARGIN for a poll that hangs in the driver)."""
         deadline = self._clock() + seconds
-        while True:
-            try:
-                if self.driver.source_ready(source):
-                    return True
-            except exception.ThunderException as e:
-                LOG.debug('Source %s not ready: %s', source.node, e)
-            if self._clock() >= deadline:
-                return False
-            time.sleep(self.driver.ready_poll_interval)
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix='thunder-ready')
+        try:
+            while True:
+                poll = pool.submit(self.driver.source_ready, source)
+                try:
+                    if poll.result(timeout=max(0.0, deadline - self._clock())
+                                   + PROBE_MARGIN):
+                        return True
+                except concurrent.futures.TimeoutError:
+                    LOG.warning('Readiness probe of source %s did not '
+                                'return by its deadline', source.node)
+                    return False
+                except exception.ThunderException as e:
+                    LOG.debug('Source %s not ready: %s', source.node, e)
+                if self._clock() >= deadline:
+                    return False
+                time.sleep(self.driver.ready_poll_interval)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def release_template(self, image_id):
         """Remove the template now; refused while it is in use."""
@@ -544,6 +689,10 @@ class AgentManager:
             except (exception.TemplateInUse, exception.TemplateNotFound,
                     _Busy) as e:
                 LOG.debug('Not collected: %s', e)
+                continue
+            except exception.ThunderException as e:
+                # Half torn down (logged): housekeeping finishes it.
+                LOG.debug('Not collected now: %s', e)
                 continue
             collected.append(entry.record.image_id)
         if collected:
@@ -581,7 +730,11 @@ class AgentManager:
                     raise exception.TemplateInUse(image_id=image_id,
                                                   reason=reason)
                 entry.record.state = DELETING
-                self._save(entry)
+                # Deleting is what frees a full disk: it goes on without
+                # its DELETING record. A crash midway then leaves the READY
+                # record, and the next start restores the template from
+                # what is left (or finishes a removal the store began).
+                self._save_or_defer(entry)
             try:
                 self._leave_tree(entry)
                 self._stop_prefetch(entry)
@@ -591,7 +744,7 @@ class AgentManager:
                 with excutils.save_and_reraise_exception():
                     with entry.cond:
                         entry.record.state = READY
-                        self._save(entry)
+                        self._save_or_defer(entry)
             except exception.ThunderException:
                 with excutils.save_and_reraise_exception():
                     # Half torn down: housekeeping finishes the delete.
@@ -637,37 +790,125 @@ class AgentManager:
             entry.gone = True
             entry.cond.notify_all()
 
-    def _cache_used(self):
-        used = 0
+    def _footprint(self, view):
+        """``(capacity, usage)`` of a template's cache in bytes: what it
+        may grow to and what it takes now."""
+        tdir = self._tdir(view)
+        # What a driver's files may make it raise (the kernel driver reads
+        # a JSON layout): the template is counted, never skipped.
+        errors = (OSError, ValueError, KeyError, exception.ThunderException)
+        try:
+            usage = self.driver.disk_usage(view, tdir)
+        except errors as e:
+            # Counted as empty, so at full capacity still to come.
+            LOG.warning('Disk usage of template %s unknown: %s',
+                        view.image_id, e)
+            usage = 0
+        try:
+            capacity = self.driver.cache_capacity(view, tdir)
+        except errors as e:
+            # The contract's conservative default.
+            capacity = drivers_base.Driver.cache_capacity(self.driver, view,
+                                                          tdir)
+            LOG.warning('Cache capacity of template %s unknown (%s); '
+                        'counting %d bytes', view.image_id, e, capacity)
+        return capacity, usage
+
+    def _commitments(self, exclude=None):
+        """``(committed, uncached)`` bytes over every admitted template
+        but *exclude* (an entry): the sum of what their caches may grow to
+        (or take now, when more), and of what they may still grow by."""
+        committed = uncached = 0
         for entry in self._entries():
+            if entry is exclude:
+                continue
+            with entry.cond:
+                if entry.gone or not entry.admitted:
+                    continue
+                view = entry.view()
+            capacity, usage = self._footprint(view)
+            committed += max(capacity, usage)
+            uncached += max(0, capacity - usage)
+        return committed, uncached
+
+    def _free_space(self):
+        """``(free, reserve)`` bytes of the file system under [agent]
+        state_path: what unprivileged users may still write there
+        (``f_bavail``: the file system's root reserve is not ours), and
+        what template caches must leave of it."""
+        try:
+            st = self._statvfs(self.conf.agent.state_path)
+        except OSError as e:
+            raise exception.BackendError(
+                reason='statvfs of [agent] state_path failed: %s' % e)
+        total = st.f_blocks * st.f_frsize
+        reserve = max(self.conf.cache.reserve_mb * MIB,
+                      total * self.conf.cache.reserve_percent // 100)
+        return st.f_bavail * st.f_frsize, reserve
+
+    def _shortfall(self, entry, needed):
+        """The error a template (*entry*, its cache *needed* bytes at
+        full size) is refused with now, or None when it fits. Without
+        *entry*: whether the templates there are fit."""
+        image_id = entry.record.image_id if entry is not None else None
+        committed, uncached = self._commitments(exclude=entry)
+        limit = self.conf.cache.size_limit_mb * MIB
+        if committed + needed > limit:
+            return exception.CacheLimitExceeded(
+                image_id=image_id, needed_mb=_mib(needed),
+                committed_mb=_mib(committed), limit_mb=_mib(limit))
+        free, reserve = self._free_space()
+        if uncached + needed > free - reserve:
+            return exception.InsufficientDiskSpace(
+                image_id=image_id, needed_mb=_mib(needed),
+                uncached_mb=_mib(uncached), free_mb=free // MIB,
+                reserve_mb=_mib(reserve))
+        return None
+
+    def _make_room(self, entry=None):
+        """Admit a new template (*entry*), evicting idle templates, least
+        recently used first, until its cache at full size fits; raise the
+        refusal (a CacheFull) when no idle template is left. Without
+        *entry* (housekeeping): evict until the templates there fit, as
+        when a VM's overlay grew into the space they were promised.
+
+        Only READY templates without snapshots are candidates, and a
+        delete refuses those with children or running operations: a
+        template in use and a VM's data are never touched.
+        """
+        needed = 0
+        refused = set()
+        if entry is not None:
             with entry.cond:
                 view = entry.view()
-            with contextlib.suppress(OSError, exception.ThunderException):
-                used += self.driver.disk_usage(view, self._tdir(view))
-        return used
-
-    def _make_room(self, exclude=None):
-        """Evict idle templates, least recently used first, until the
-        cache is below [cache] size_limit_mb."""
-        limit = self.conf.cache.size_limit_mb * MIB
-        used = self._cache_used()
-        refused = {exclude}
-        while used >= limit:
+            needed, _ = self._footprint(view)
+            refused.add(view.image_id)
+        while True:
+            with self._admission_lock:
+                error = self._shortfall(entry, needed)
+                if error is None:
+                    if entry is not None:
+                        with entry.cond:
+                            entry.admitted = True
+                    return
             idle = [e for e in self._entries()
                     if e.record.image_id not in refused
                     and e.record.state == READY and not e.snapshots]
             if not idle:
-                raise exception.CacheFull(used=used, limit=limit)
+                raise error
             victim = min(idle, key=lambda e: e.record.last_used_at)
             refused.add(victim.record.image_id)
-            LOG.info('Cache at %d of %d bytes: evicting idle template %s',
-                     used, limit, victim.record.image_id)
+            LOG.info('Evicting idle template %s to make room (%s)',
+                     victim.record.image_id, error)
             try:
                 self._delete(victim, wait=False)
             except (exception.TemplateInUse, exception.TemplateNotFound,
                     _Busy) as e:
                 LOG.info('Not evicted: %s', e)
-            used = self._cache_used()
+            except exception.ThunderException as e:
+                # Half torn down (logged by _delete): housekeeping
+                # finishes it; the next candidate is tried meanwhile.
+                LOG.info('Not evicted now: %s', e)
 
     # -- prefetch --------------------------------------------------------
     def prefetch(self, image_id, mode='full', rate_mb=None):
@@ -772,12 +1013,12 @@ class AgentManager:
                 with entry.cond:
                     entry.snapshots.add(instance_id)
                     view = entry.view()
-                self.store.save_snapshot(snap.record)       # CREATING
+                self._save_snapshot(snap.record)        # CREATING
                 info = self.driver.create_snapshot(
                     view, self._tdir(view), instance_id, sdir)
                 snap.record.connection_info = info
                 snap.record.state = READY
-                self.store.save_snapshot(snap.record)
+                self._save_snapshot(snap.record)
         except BaseException as e:
             with excutils.save_and_reraise_exception():
                 LOG.error('Snapshot %s not created: %s', instance_id, e)
@@ -852,13 +1093,19 @@ class AgentManager:
             raise exception.SnapshotInUse(
                 instance_id=snap.record.instance_id, reason=users)
         snap.record.state = DELETING
-        self.store.save_snapshot(snap.record)
+        try:
+            self._save_snapshot(snap.record)
+        except exception.RecordNotSaved as e:
+            # Deleting frees space; a crash midway leaves a READY record
+            # whose overlay is gone, and the next delete finishes it.
+            LOG.warning('%s; deleting it all the same', e)
         self.driver.delete_snapshot(view, self._tdir(view), snap.record,
                                     sdir)
         self.store.remove_snapshot(snap.record.instance_id)
 
     # -- status ----------------------------------------------------------
-    def _status(self, entry, stats=True):
+    def _status(self, entry):
+        """What the template's record and markers say (no driver call)."""
         with entry.cond:
             record = entry.view()
             busy = entry.exclusive
@@ -883,12 +1130,49 @@ class AgentManager:
         }
         if prefetcher is not None:
             status['prefetch'] = prefetcher.status()
-        if stats and record.state == READY and not busy:
-            try:
-                with self._shared(entry, 'status', self._clock() + 2):
-                    self._add_stats(entry, record, status)
-            except (exception.TemplateBusy, exception.TemplateNotFound):
-                pass
+        return status
+
+    def _add_all_stats(self, pairs):
+        """Add the driver's figures to the status of each READY template
+        of *pairs* (``(entry, status)``) that no exclusive operation
+        holds, STATUS_WAIT for all of them together. A template whose
+        figures are late gets an error; its call goes on in its thread
+        and is the one the next status waits for, never a second one."""
+        deadline = self._clock() + STATUS_WAIT
+        jobs = []
+        for entry, status in pairs:
+            if status['state'] != READY or status['busy']:
+                continue
+            with entry.cond:
+                job = entry.stats_job
+                if job is None or job.done():
+                    try:
+                        job = self._stats_pool.submit(self._stats, entry)
+                    except RuntimeError:
+                        continue        # stopping
+                    entry.stats_job = job
+            jobs.append((job, status))
+        if not jobs:
+            return
+        concurrent.futures.wait([job for job, _ in jobs],
+                                timeout=max(0.0, deadline - self._clock()))
+        for job, status in jobs:
+            if job.done():
+                status.update(job.result())
+            else:
+                status['error'] = ('its figures did not come within %g s'
+                                   % STATUS_WAIT)
+
+    def _stats(self, entry):
+        """The template's figures for its status (a stats thread)."""
+        status = {}
+        try:
+            with self._shared(entry, 'status', self._clock() + 2):
+                with entry.cond:
+                    record = entry.view()
+                self._add_stats(entry, record, status)
+        except (exception.TemplateBusy, exception.TemplateNotFound):
+            pass
         return status
 
     def _add_stats(self, entry, record, status):
@@ -896,7 +1180,7 @@ class AgentManager:
         try:
             status['healthy'] = self.driver.is_healthy(record, tdir)
             figures, driver_state = self.driver.template_stats(record, tdir)
-        except exception.ThunderException as e:
+        except (OSError, exception.ThunderException) as e:
             status['error'] = str(e)
             return
         status.update(figures.to_dict())
@@ -905,8 +1189,28 @@ class AgentManager:
                 entry.record.driver_state = driver_state
                 entry.dirty = True
 
+    def _cache_status(self, templates):
+        """The cache section of get_status: what caches take, may take,
+        and what the state file system has."""
+        committed, uncached = self._commitments()
+        cache = {
+            'used_bytes': sum(t.get('disk_bytes', 0) for t in templates),
+            'limit_bytes': self.conf.cache.size_limit_mb * MIB,
+            'committed_bytes': committed,
+            'uncached_bytes': uncached,
+        }
+        try:
+            cache['free_bytes'], cache['reserve_bytes'] = self._free_space()
+        except exception.BackendError as e:
+            cache['error'] = str(e)
+        return cache
+
     def get_status(self):
-        templates = [self._status(e) for e in self._entries()]
+        """Read-only (it writes nothing: a full disk does not fail it), and
+        bounded by STATUS_WAIT whatever the data planes do."""
+        entries = self._entries()
+        templates = [self._status(e) for e in entries]
+        self._add_all_stats(list(zip(entries, templates)))
         with self._map_lock:
             snapshots = [s.record.to_dict() for s in self.snapshots.values()]
         return {
@@ -918,10 +1222,7 @@ class AgentManager:
                 'enabled': self.relay is not None,
                 'coordinator_down': bool(self.relay
                                          and self.relay.coordinator_down)},
-            'cache': {
-                'used_bytes': sum(t.get('disk_bytes', 0) for t in templates),
-                'limit_bytes': self.conf.cache.size_limit_mb * MIB,
-            },
+            'cache': self._cache_status(templates),
         }
 
     # -- periodic work (one job per cadence, see service.py) -------------
@@ -950,8 +1251,15 @@ class AgentManager:
                     self._submit(entry, 'repair', self._repair, entry,
                                  'repair')
         self.collect_garbage()
-        with contextlib.suppress(exception.CacheFull):
+        try:
             self._make_room()
+        except exception.CacheFull as e:
+            # Every template is in use: VM overlays took what the caches
+            # were promised, or [cache] size_limit_mb was lowered.
+            LOG.warning('Templates on this host may outgrow their space and '
+                        'none is idle: %s', e)
+        except exception.BackendError as e:
+            LOG.warning('Cache space not checked: %s', e)
         for entry in self._entries():
             self._save_if_dirty(entry)
 
@@ -968,8 +1276,8 @@ class AgentManager:
                 # parent its place in the tree. The next housekeeping
                 # tries again. (The same probe as probe_parents: a TCP
                 # connect, which a loaded host still answers in time.)
-                if view.source.is_origin or self._answers(
-                        view.source, self.conf.relay.parent_probe_timeout):
+                if view.source.is_origin or self._probe(
+                        [view.source])[view.source]:
                     raise
                 # The parent is gone as well (a host reboot takes both):
                 # rebuild on the origin, which always serves, and tell the
@@ -984,7 +1292,7 @@ class AgentManager:
                     if entry.record.relay is not None:
                         entry.record.relay.parent = ORIGIN
                         entry.record.relay.failures = 0
-                    self._save(entry)
+                    self._save_or_defer(entry)
                     view = entry.view()
                 built = self.driver.ensure_template(view, self._tdir(view))
                 if self.relay is not None and view.relay is not None:
@@ -994,7 +1302,7 @@ class AgentManager:
                 entry.record.export = built.export
                 if built.driver_state is not None:
                     entry.record.driver_state = built.driver_state
-                self._save(entry)
+                self._save_or_defer(entry)
             self._restore_snapshots(entry)
         LOG.info('Template %s: data plane %s', view.image_id,
                  'restored' if operation == 'restore' else 'repaired')
@@ -1060,15 +1368,35 @@ class AgentManager:
                 by_source.setdefault(record.source, []).append(entry)
         if not by_source:
             return
-        timeout = self.conf.relay.parent_probe_timeout
-        with concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(16, len(by_source)),
-                thread_name_prefix='thunder-probe') as pool:
-            answers = dict(zip(by_source, pool.map(
-                lambda s: self._answers(s, timeout), by_source)))
+        answers = self._probe(list(by_source))
         for source, entries in by_source.items():
             for entry in entries:
                 self._count_probe(entry, source, answers[source])
+
+    def _probe(self, sources):
+        """``{source: answered}`` for *sources*, probed in parallel, by
+        [relay] parent_probe_timeout plus PROBE_MARGIN: a probe still in
+        the driver then counts as no answer (and ends in its thread by
+        the driver's own timeout, unwaited)."""
+        timeout = self.conf.relay.parent_probe_timeout
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(16, len(sources)),
+            thread_name_prefix='thunder-probe')
+        try:
+            futures = {pool.submit(self._answers, source, timeout): source
+                       for source in sources}
+            concurrent.futures.wait(futures, timeout=timeout + PROBE_MARGIN)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        answers = {}
+        for future, source in futures.items():
+            if future.done() and not future.cancelled():
+                answers[source] = future.result()
+            else:
+                LOG.warning('Probe of source %s did not return within '
+                            '%.0f s', source.node, timeout + PROBE_MARGIN)
+                answers[source] = False
+        return answers
 
     def _answers(self, source, timeout):
         try:
@@ -1155,13 +1483,18 @@ class AgentManager:
                 record.relay.failures = 0
                 if driver_state is not None:
                     record.driver_state = driver_state
-                self._save(entry)
+                self._save_or_defer(entry)
         LOG.info('Template %s: parent %s -> %s in %.1f s', view.image_id,
                  old, placement.parent, self._clock() - started)
 
 
 class _Busy(Exception):
     """Periodic work found the template busy; it tries again next time."""
+
+
+def _mib(value):
+    """Bytes in MiB, rounded up (a need is never shown smaller)."""
+    return -(-value // MIB)
 
 
 def _describe(value):

@@ -8,6 +8,9 @@ Layout under ``[agent] state_path``::
 
 Records are written atomically (write, fsync, rename, fsync the directory)
 so that a ``kill -9`` at any point leaves either the old or the new record.
+A write that fails (ENOSPC on a full disk, EDQUOT, EROFS) raises OSError and
+leaves the old record as it was, and no temporary file behind: the new one
+is written next to it and only renamed over it once it is on disk whole.
 They are mode 0600: an origin's connection info may carry its CHAP
 credentials.
 
@@ -18,6 +21,7 @@ error. A snapshot directory holds a VM's writes: only an explicit delete
 removes it.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +29,7 @@ import shutil
 import time
 
 from oslo_log import log as logging
+from oslo_utils import excutils
 
 from thunder_agent import records
 from thunder_agent import validation
@@ -146,10 +151,15 @@ class StateStore:
             target = os.path.join(self.lost_found_dir, '%s.%d' % (base, n))
         os.rename(path, target)
         _fsync_dir(os.path.dirname(path))
-        with open(os.path.join(target, REASON), 'w') as f:
-            f.write('%s %s moved here by thunder-agent at %s: %s\n'
-                    % (kind, os.path.basename(path), stamp, reason))
-        _fsync_dir(self.lost_found_dir)
+        try:
+            with open(os.path.join(target, REASON), 'w') as f:
+                f.write('%s %s moved here by thunder-agent at %s: %s\n'
+                        % (kind, os.path.basename(path), stamp, reason))
+            _fsync_dir(self.lost_found_dir)
+        except OSError as e:
+            # A full disk: the rename needed no space, the note does. The
+            # reason is in the log below; the agent starts all the same.
+            LOG.warning('No %s note in %s: %s', REASON, target, e)
         LOG.error('%s %s cannot be loaded (%s); moved to %s. Nothing in it '
                   'was deleted; a data plane that still uses it keeps '
                   'running.', kind.capitalize(), os.path.basename(path),
@@ -162,11 +172,20 @@ def _write_json(path, obj):
     os.makedirs(directory, mode=0o750, exist_ok=True)
     tmp = path + '.tmp'
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            # A delayed-allocation file system (ext4, xfs) may report
+            # ENOSPC only here: before the rename, so the old record stays.
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with excutils.save_and_reraise_exception():
+            # What was written of the new record would hold the space a
+            # full disk lacks, for nothing.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     _fsync_dir(directory)
 
 

@@ -29,6 +29,8 @@ restart.
 import abc
 import dataclasses
 
+GIB = 1 << 30
+
 
 @dataclasses.dataclass(frozen=True)
 class OriginInfo:
@@ -183,6 +185,31 @@ class Driver(metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def disk_usage(self, template, template_dir):
         """Bytes of local disk the template's cache takes (for eviction)."""
+
+    def cache_capacity(self, template, template_dir):
+        """Most bytes of local disk the template's cache can ever take:
+        its :meth:`disk_usage` once every block of the image is cached,
+        metadata included. Any reader may make that happen (a VM, a child,
+        the prefetcher, an NBD_CMD_CACHE request), so the manager admits a
+        template only when this fits the free space and ``[cache]
+        size_limit_mb`` (see :mod:`thunder_agent.manager`); an estimate
+        too low turns a full disk into VM read errors, one too high only
+        refuses templates early.
+
+        Cheap and without I/O beyond a small file read: it is asked for
+        every template at every admission and status. *template_dir* may
+        not exist yet (a template being admitted).
+
+        The default is conservative for a sparse cache file that a
+        block cache may fill whole over time, the kernel driver's layout:
+        twice the image with a 1 GiB floor ([kernel] cache_size_ratio 2.0,
+        cache_min_size_mb 1024) plus its metadata, at most 4 MiB and 16
+        bytes per 64 KiB block (dm-cache; bcache's superblock file is
+        1 MiB). ``2 * size + 1 GiB`` covers that for every image from
+        2.5 MiB to 2 TiB (a 2 GiB image: 5 GiB). A driver that knows its
+        layout says exactly (the qemu driver: the image plus 0.02 %).
+        """
+        return 2 * template.size + GIB
 
     @abc.abstractmethod
     def prefetch_target(self, template, template_dir):

@@ -122,9 +122,11 @@ def test_eviction_is_lru_and_spares_templates_in_use(
     from tests.conftest import make_image
     images = os.path.join(workdir, 'images')
     os.makedirs(images)
-    # 20 MiB images of which 15 MiB data (zeros take no cache space).
+    # 20 MiB images of which 15 MiB data. The limit counts what each cache
+    # may grow to (20.3 MiB for a 20 MiB image: its qcow2 fully
+    # allocated), so 62 MiB holds three templates, not four.
     size = 20 << 20
-    agent = agent_factory(options={'cache': {'size_limit_mb': 40}})
+    agent = agent_factory(options={'cache': {'size_limit_mb': 62}})
     names = 'abcde'
     ids = {n: str(uuid.uuid4()) for n in names}
     origins = {}
@@ -140,7 +142,7 @@ def test_eviction_is_lru_and_spares_templates_in_use(
         reader.checksum(conn)
         return conn
 
-    conns = {n: fill(n) for n in 'abc'}   # 45 MiB cached, over 40
+    conns = {n: fill(n) for n in 'abc'}   # 60.9 MiB committed of 62
     for n in 'ab':
         agent.client.delete_snapshot(conns[n]['data']['instance_id'])
     # d needs room: a is the least recently used idle template.
@@ -148,7 +150,7 @@ def test_eviction_is_lru_and_spares_templates_in_use(
     present = {t['image_id'] for t in agent.client.get_status()['templates']}
     assert ids['a'] not in present
     assert {ids['b'], ids['c'], ids['d']} <= present
-    # Used: b, c, d = 45 MiB >= 40; b is idle, so e evicts b.
+    # b, c, d commit 60.9 MiB: no room for e; b is idle, so e evicts b.
     conns['e'] = fill('e')
     present = {t['image_id'] for t in agent.client.get_status()['templates']}
     assert present == {ids['c'], ids['d'], ids['e']}

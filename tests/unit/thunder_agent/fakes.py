@@ -9,6 +9,7 @@ held by the calling thread), and it never changes that record.
 
 import collections
 import copy
+import os
 import threading
 
 from thunder_agent.drivers import base
@@ -47,6 +48,7 @@ class FakeDriver(base.Driver):
         self.answers = {}        # source node -> bool
         self.healthy = {}        # image id -> bool
         self.usage = {}          # image id -> bytes
+        self.capacity = {}       # image id -> bytes (default: its size)
         self.users = {}          # instance id -> sentence
         self.refused_hosts = set()   # parent hosts parent_source refuses
         self.templates = {}      # image id -> sources (the "data plane")
@@ -148,6 +150,7 @@ class FakeDriver(base.Driver):
     def delete_template(self, template, template_dir):
         self._enter('delete_template', template)
         self.templates.pop(template.image_id, None)
+        self.usage.pop(template.image_id, None)
 
     def is_healthy(self, template, template_dir):
         self._enter('is_healthy', template)
@@ -163,6 +166,9 @@ class FakeDriver(base.Driver):
 
     def disk_usage(self, template, template_dir):
         return self.usage.get(template.image_id, 0)
+
+    def cache_capacity(self, template, template_dir):
+        return self.capacity.get(template.image_id, template.size)
 
     def prefetch_target(self, template, template_dir):
         raise exception.BackendError(reason='the fake has no data')
@@ -189,6 +195,32 @@ class FakeDriver(base.Driver):
                         snapshot_dir):
         self._enter('delete_snapshot', template)
         self.snapshot_layers.pop(snapshot.instance_id, None)
+
+
+class FakeFilesystem:
+    """``os.statvfs`` of the state file system: *total* bytes, of which
+    the fake driver's caches (its ``usage``) and *other* bytes are used.
+    ``calls`` counts the look-ups."""
+
+    BLOCK = 4096
+
+    def __init__(self, driver, total, other=0):
+        self.driver = driver
+        self.total = total
+        self.other = other
+        self.calls = 0
+
+    def free(self):
+        return max(0, self.total - self.other - sum(
+            self.driver.usage.values()))
+
+    def __call__(self, path):
+        self.calls += 1
+        blocks, free = self.total // self.BLOCK, self.free() // self.BLOCK
+        # f_bsize, f_frsize, f_blocks, f_bfree, f_bavail, f_files,
+        # f_ffree, f_favail, f_flag, f_namemax
+        return os.statvfs_result((self.BLOCK, self.BLOCK, blocks, free,
+                                  free, 1 << 20, 1 << 19, 1 << 19, 0, 255))
 
 
 class FakeCoordinatorAPI:

@@ -4,6 +4,7 @@ Every test drives the real manager, store and relay member; only the data
 plane (FakeDriver) and the coordinator's RPC client are fakes.
 """
 
+import errno
 import json
 import os
 import threading
@@ -41,10 +42,16 @@ def conf(tmp_path):
     return conf
 
 
+# The state file system of a Harness unless a test gives its own: room
+# for every test's templates, whatever the disk under tmp_path holds.
+ROOMY = 1 << 40
+
+
 class Harness:
-    def __init__(self, conf, relay=False):
+    def __init__(self, conf, relay=False, fs_total=ROOMY):
         self.conf = conf
         self.driver = fakes.FakeDriver(conf)
+        self.fs = fakes.FakeFilesystem(self.driver, fs_total)
         self.api = None
         member = None
         if relay:
@@ -53,6 +60,7 @@ class Harness:
             member = relay_mod.RelayMember(conf, api=self.api)
         self.manager = manager_mod.AgentManager(conf, driver=self.driver,
                                                 relay=member)
+        self.manager._statvfs = self.fs
         self.driver.manager = self.manager
         self.manager.start()
 
@@ -68,8 +76,10 @@ class Harness:
         again.conf = self.conf
         again.driver = self.driver
         again.api = self.api
+        again.fs = self.fs
         again.manager = manager_mod.AgentManager(
             self.conf, driver=self.driver, relay=self.manager.relay)
+        again.manager._statvfs = self.fs
         self.driver.manager = again.manager
         again.manager.start()
         return again
@@ -699,3 +709,335 @@ def test_status_reads_without_blocking_on_a_busy_template(conf):
     h.drain()
     status = h.manager.get_status()
     assert status['templates'][0]['bytes_fetched'] == 7
+
+
+# -- disk space -------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def _template_dirs(conf):
+    return sorted(os.listdir(os.path.join(conf.agent.state_path,
+                                          'templates')))
+
+
+def _space(conf, reserve_mb=1, reserve_percent=0):
+    conf.set_override('reserve_mb', reserve_mb, group='cache')
+    conf.set_override('reserve_percent', reserve_percent, group='cache')
+
+
+def test_template_that_would_not_fit_in_free_space_is_refused(conf):
+    # 4 MiB of disk, 1 kept in reserve: room for three 1 MiB caches at
+    # full size, though none has cached a byte yet (a VM's or a child's
+    # reads, or NBD_CMD_CACHE, may fill each of them later).
+    _space(conf)
+    h = Harness(conf, relay=True, fs_total=4 * MIB)
+    kept = [h.prepare()['data']['image_id'] for _ in range(3)]
+    assert h.driver.usage == {}
+    image_id = new_id()
+    joins = h.api.calls['join']
+    with pytest.raises(exception.InsufficientDiskSpace) as error:
+        h.prepare(image_id)
+    assert error.value.client_error
+    assert isinstance(error.value, exception.CacheFull)
+    assert error.value.message == (
+        'No room for the template of image %s on this host: its cache may '
+        'grow to 1 MiB and the other templates\' caches by 3 MiB more, but '
+        '4 MiB of the state file system are free and 1 MiB of it is kept '
+        'in reserve; no idle template is left to evict.' % image_id)
+    # Nothing was created: no data plane, record, directory or tree place.
+    assert h.driver.calls['create_template'] == 3
+    assert image_id not in h.manager.templates
+    assert _template_dirs(conf) == sorted(kept)
+    assert h.api.calls['join'] == joins
+    # Caches that fill take their space from the free space, and what
+    # they may still grow by shrinks by as much: the answer is the same.
+    for i in kept:
+        h.driver.usage[i] = MIB // 2
+    with pytest.raises(exception.InsufficientDiskSpace):
+        h.prepare(image_id)
+    # A template whose cache is full commits nothing more.
+    for i in kept:
+        h.driver.usage[i] = MIB
+    h.fs.total = 5 * MIB
+    h.prepare(image_id)
+
+
+def test_reserve_is_the_larger_of_its_size_and_its_share(conf):
+    _space(conf, reserve_mb=1, reserve_percent=25)
+    h = Harness(conf, fs_total=8 * MIB)
+    # 25 % of 8 MiB: 2 MiB kept, room for 6 caches of 1 MiB.
+    for _ in range(6):
+        h.prepare()
+    with pytest.raises(exception.InsufficientDiskSpace) as error:
+        h.prepare()
+    assert '2 MiB of it is kept in reserve' in error.value.message
+
+
+def test_size_limit_counts_what_caches_may_grow_to(conf):
+    # Two templates that cached nothing yet commit 2 MiB of the 2 MiB
+    # limit: a third would let the caches grow to 3 MiB.
+    conf.set_override('size_limit_mb', 2, group='cache')
+    h = Harness(conf)
+    kept = [h.prepare()['data']['image_id'] for _ in range(2)]
+    image_id = new_id()
+    with pytest.raises(exception.CacheLimitExceeded) as error:
+        h.prepare(image_id)
+    assert error.value.client_error
+    assert isinstance(error.value, exception.CacheFull)
+    assert error.value.message == (
+        'No room for the template of image %s on this host: its cache may '
+        'grow to 1 MiB and the other templates\' caches to 2 MiB, over '
+        '[cache] size_limit_mb (2 MiB); no idle template is left to '
+        'evict.' % image_id)
+    assert h.driver.calls['create_template'] == 2
+    assert _template_dirs(conf) == sorted(kept)
+
+
+def test_the_driver_says_what_a_cache_may_grow_to(conf):
+    # A cache larger than the image (qcow2 metadata, a kernel cache file
+    # twice the image): the driver's figure counts, not the image size.
+    _space(conf)
+    h = Harness(conf, fs_total=4 * MIB)
+    first = new_id()
+    h.driver.capacity[first] = 2 * MIB
+    h.prepare(first)
+    h.prepare()
+    with pytest.raises(exception.InsufficientDiskSpace):
+        h.prepare()
+
+
+def test_a_cache_whose_capacity_is_unknown_counts_conservatively(
+        conf, monkeypatch):
+    h = Harness(conf)
+    image_id = h.prepare()['data']['image_id']
+
+    def unknown(template, template_dir):
+        raise exception.BackendError(reason='no layout')
+    monkeypatch.setattr(h.driver, 'cache_capacity', unknown)
+    assert h.manager.get_status()['cache']['committed_bytes'] == (
+        2 * fakes.SIZE + (1 << 30))
+    assert image_id in h.manager.templates
+
+
+def test_admission_evicts_idle_templates_least_recently_used_first(conf):
+    _space(conf)
+    h = Harness(conf, fs_total=4 * MIB)
+    old, recent, busy = new_id(), new_id(), new_id()
+    snaps = {}
+    for image_id in (old, recent, busy):
+        snaps[image_id] = h.prepare(image_id)['data']['instance_id']
+    for image_id in (old, recent):
+        h.manager.delete_snapshot(snaps[image_id])
+    h.manager.templates[old].record.last_used_at -= 100
+    # The grace period has not passed: admission collects them anyway,
+    # the least recently used first, and only as many as it needs.
+    new = h.prepare()['data']['image_id']
+    assert set(h.manager.templates) == {recent, busy, new}
+    newer = h.prepare()['data']['image_id']
+    assert set(h.manager.templates) == {busy, new, newer}
+    # Everything left is in use: refused, and nothing in use removed.
+    with pytest.raises(exception.InsufficientDiskSpace):
+        h.prepare()
+    assert set(h.manager.templates) == {busy, new, newer}
+    assert h.driver.snapshot_layers[snaps[busy]] == busy
+    assert snaps[busy] in h.manager.snapshots
+
+
+def test_concurrent_admissions_never_commit_more_than_the_disk(conf):
+    # Eight prepares at once with room for three: each admission counts
+    # the templates admitted before it, built or still being built, so
+    # the disk is never promised twice, and exactly three get it.
+    _space(conf)
+    h = Harness(conf, fs_total=4 * MIB)
+    gate = h.driver.gates['create_template'] = threading.Event()
+    threading.Timer(0.5, gate.set).start()
+    results, errors = run_threads(8, lambda i: h.prepare())
+    ready = [r for r in results if r is not None]
+    assert len(ready) == 3
+    assert all(isinstance(e, exception.InsufficientDiskSpace)
+               for e in errors if e is not None)
+    assert len(h.manager.templates) == len(ready)
+    assert h.driver.calls['create_template'] == len(ready)
+
+
+def _full_disk(h, monkeypatch):
+    """Every record write fails as it does on a full disk."""
+    def enospc(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(h.manager.store, 'save_template', enospc)
+    monkeypatch.setattr(h.manager.store, 'save_snapshot', enospc)
+
+
+def test_status_housekeeping_and_stop_work_on_a_full_disk(conf, monkeypatch):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    saved = record_on_disk(conf, 'templates', image_id)
+    _full_disk(h, monkeypatch)
+    status = h.manager.get_status()
+    assert status['templates'][0]['state'] == 'ready'
+    assert status['templates'][0]['bytes_fetched'] == 7
+    # Housekeeping saves last_used_at lazily: it tries, keeps the change
+    # and tries again next time.
+    h.manager._touch(h.manager.templates[image_id])
+    h.manager.housekeeping()
+    assert h.manager.templates[image_id].dirty
+    h.manager.stop()
+    assert record_on_disk(conf, 'templates', image_id) == saved
+    assert h.manager.templates[image_id].dirty
+    monkeypatch.undo()
+    h.manager.housekeeping()
+    assert not h.manager.templates[image_id].dirty
+    assert record_on_disk(conf, 'templates', image_id) != saved
+
+
+def test_gc_frees_space_when_no_record_can_be_saved(conf, monkeypatch):
+    # Deleting is what frees space: a DELETING record that cannot be
+    # written does not stop it (a crash midway leaves a READY record,
+    # which the next start restores from whatever is left).
+    h = Harness(conf)
+    idle, busy = new_id(), new_id()
+    info = h.prepare(idle)
+    h.manager.delete_snapshot(info['data']['instance_id'])
+    h.prepare(busy)
+    _full_disk(h, monkeypatch)
+    assert h.manager.collect_garbage(0) == [idle]
+    assert _template_dirs(conf) == [busy]
+
+
+def test_build_whose_record_cannot_be_saved_leaves_nothing(conf, monkeypatch):
+    h = Harness(conf)
+    _full_disk(h, monkeypatch)
+    image_id = new_id()
+    with pytest.raises(exception.RecordNotSaved) as error:
+        h.prepare(image_id)
+    assert 'No space left on device' in error.value.message
+    assert image_id not in h.manager.templates
+    assert h.driver.templates == {}
+    assert _template_dirs(conf) == []
+
+
+def test_build_is_undone_when_its_ready_record_cannot_be_saved(
+        conf, monkeypatch):
+    # A template whose record still says CREATING would be removed at the
+    # next start under a VM: Nova gets an error instead, and nothing stays.
+    h = Harness(conf)
+    store = h.manager.store
+    real = store.save_template
+
+    def fail_ready(template):
+        if template.state == 'ready':
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(template)
+    monkeypatch.setattr(store, 'save_template', fail_ready)
+    image_id = new_id()
+    with pytest.raises(exception.RecordNotSaved):
+        h.prepare(image_id)
+    assert h.driver.calls['create_template'] == 1
+    assert h.driver.templates == {}
+    assert image_id not in h.manager.templates
+    assert _template_dirs(conf) == []
+
+
+def test_snapshot_whose_record_cannot_be_saved_is_refused(conf, monkeypatch):
+    h = Harness(conf)
+    image_id = new_id()
+    h.prepare(image_id)
+    _full_disk(h, monkeypatch)
+    instance_id = new_id()
+    with pytest.raises(exception.RecordNotSaved):
+        h.manager.create_snapshot(image_id, instance_id)
+    assert instance_id not in h.manager.snapshots
+    assert instance_id not in h.driver.snapshot_layers
+
+
+def test_status_reports_the_space_of_the_state_file_system(conf):
+    _space(conf, reserve_mb=1)
+    h = Harness(conf, fs_total=8 * MIB)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.driver.usage[image_id] = MIB // 4
+    cache = h.manager.get_status()['cache']
+    assert cache['used_bytes'] == MIB // 4
+    assert cache['committed_bytes'] == MIB
+    assert cache['free_bytes'] == 8 * MIB - MIB // 4
+    assert cache['reserve_bytes'] == MIB
+    assert cache['uncached_bytes'] == MIB - MIB // 4
+
+
+# -- deadlines ---------------------------------------------------------------
+
+def test_a_hung_parent_probe_counts_as_a_failure_by_its_deadline(conf):
+    conf.set_override('parent_probe_timeout', 1, group='relay')
+    conf.set_override('parent_failures', 5, group='relay')
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    gate = h.driver.gates['source_answers'] = threading.Event()
+    try:
+        started = time.monotonic()
+        h.manager.probe_parents()
+        took = time.monotonic() - started
+        assert h.manager.templates[image_id].record.relay.failures == 1
+        assert took < 1 + manager_mod.PROBE_MARGIN + 1
+    finally:
+        gate.set()
+
+
+def test_status_answers_by_its_deadline_while_a_stats_call_hangs(
+        conf, monkeypatch):
+    monkeypatch.setattr(manager_mod, 'STATUS_WAIT', 0.5, raising=False)
+    h = Harness(conf)
+    slow, fast = new_id(), new_id()
+    h.prepare(slow)
+    h.prepare(fast)
+    h.driver.template_stats = _slow_stats(h.driver, slow)
+    gate = h.driver.gates['slow_stats'] = threading.Event()
+    try:
+        started = time.monotonic()
+        status = h.manager.get_status()
+        assert time.monotonic() - started < 3
+        by_id = {t['image_id']: t for t in status['templates']}
+        assert 'bytes_fetched' not in by_id[slow]
+        assert by_id[slow]['error'] == (
+            'its figures did not come within 0.5 s')
+        assert by_id[fast]['bytes_fetched'] == 7
+        # The hung call is not asked again while it runs.
+        h.manager.get_status()
+        assert h.driver.calls['slow_stats'] == 1
+    finally:
+        gate.set()
+
+
+def _slow_stats(driver, image_id):
+    real = driver.template_stats
+
+    def stats(template, template_dir):
+        if template.image_id == image_id:
+            driver._enter('slow_stats', template)
+        return real(template, template_dir)
+    return stats
+
+
+def test_stop_gives_up_on_a_hung_flush_by_its_deadline(conf, monkeypatch):
+    monkeypatch.setattr(manager_mod, 'STOP_FLUSH_WAIT', 0.5,
+                        raising=False)
+    h = Harness(conf)
+    image_ids = [new_id() for _ in range(3)]
+    for image_id in image_ids:
+        h.prepare(image_id)
+    gate = h.driver.gates['flush_template'] = threading.Event()
+    try:
+        h.manager._touch(h.manager.templates[image_ids[0]])
+        started = time.monotonic()
+        h.manager.stop()
+        assert time.monotonic() - started < 3
+        # The flushes ran side by side, and records were saved after.
+        assert h.driver.max_in_flight['flush_template'] == 3
+        assert not h.manager.templates[image_ids[0]].dirty
+    finally:
+        gate.set()

@@ -1,7 +1,9 @@
 """StateStore: atomic 0600 records, and loading that never deletes."""
 
+import errno
 import json
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -118,3 +120,82 @@ def test_version_1_records_are_migrated(store):
                                                   image_id)
     assert t.relay.children == ['node-c']
     assert t.driver_state == {'hit_base': 5}
+
+
+# -- a full file system ------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs: a real file system that fills in a moment."""
+    mount = tmp_path / 'small'
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip('mounting a tmpfs needs root')
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k,mode=0700',
+                           'thunder-test', str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip('cannot mount a tmpfs: %s' % proc.stderr.strip())
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], check=True)
+
+
+def _fill(path):
+    """Write into *path* until the file system is full."""
+    chunk = b'\xff' * 4096
+    with open(path, 'wb', buffering=0) as f:
+        with pytest.raises(OSError) as e:
+            while True:
+                f.write(chunk)
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_failed_save_keeps_the_old_record_and_no_temp_file(small_fs):
+    store = store_mod.StateStore(os.path.join(small_fs, 'state'))
+    store.prepare()
+    t = template()
+    store.save_template(t)
+    path = os.path.join(store.template_dir(t.image_id), 'record.json')
+    with open(path, 'rb') as f:
+        old = f.read()
+    _fill(os.path.join(small_fs, 'filler'))
+    # A new record that needs more room than the old one (every write
+    # of it needs a new block on a full disk).
+    t.relay = records.RelayState('node-b', 0, ['node-%d' % i
+                                               for i in range(200)])
+    with pytest.raises(OSError) as e:
+        store.save_template(t)
+    assert e.value.errno == errno.ENOSPC
+    with open(path, 'rb') as f:
+        assert f.read() == old
+    assert os.listdir(store.template_dir(t.image_id)) == ['record.json']
+    loaded = store.load()
+    assert loaded.templates[t.image_id].relay is None
+    assert loaded.quarantined == []
+    # Once there is room again, the same save goes through.
+    os.unlink(os.path.join(small_fs, 'filler'))
+    store.save_template(t)
+    assert store.load().templates[t.image_id].relay.children[-1] == (
+        'node-199')
+
+
+def test_loading_on_a_full_file_system_quarantines_without_failing(
+        small_fs):
+    store = store_mod.StateStore(os.path.join(small_fs, 'state'))
+    store.prepare()
+    good, bad = template(), template()
+    store.save_template(good)
+    store.save_template(bad)
+    with open(os.path.join(store.template_dir(bad.image_id),
+                           'record.json'), 'w') as f:
+        f.write('{"trunc')
+    os.makedirs(store.lost_found_dir)
+    _fill(os.path.join(small_fs, 'filler'))
+    loaded = store.load()
+    assert list(loaded.templates) == [good.image_id]
+    (moved, reason), = loaded.quarantined
+    assert 'unreadable record.json' in reason
+    # Moved (a rename needs no space), never deleted.
+    assert os.path.exists(os.path.join(moved, 'record.json'))
