@@ -52,6 +52,8 @@ BRIDGE = 'thbr0'
 BRIDGE_ADDRESS = '10.99.0.254'
 PREFIXLEN = 16
 IQN_PREFIX = 'iqn.2010-10.org.openstack.thunder'
+# Device prefix the in-process agents' ('th' + host) start with.
+IN_PROCESS_PREFIX = 'th'
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -184,6 +186,44 @@ class Host:
         return sh('tgtadm', '-C', str(self.control_port), '--lld', 'iscsi',
                   '--op', 'show', '--mode', 'target')
 
+    def _tgtadm(self, *args):
+        return sh('tgtadm', '-C', str(self.control_port), '--lld', 'iscsi',
+                  *args)
+
+    def export_origin(self, iqn, device, user, secret):
+        """Export *device* as Cinder's target would: LUN 1, CHAP.
+
+        The harness stands in for Cinder here and uses tgtadm (its
+        secret on this command line is the test origin's); the agent's
+        own exports never run tgtadm.
+        """
+        tids = [int(line.split()[1].rstrip(':')) for line in
+                self.targets().splitlines() if line.startswith('Target ')]
+        tid = str(max(tids, default=0) + 1)
+        self._tgtadm('--op', 'new', '--mode', 'target', '--tid', tid,
+                     '--targetname', iqn)
+        self._tgtadm('--op', 'new', '--mode', 'logicalunit', '--tid', tid,
+                     '--lun', '1', '--backing-store', device, '--bsoflags',
+                     'direct')
+        serial = hashlib.sha1(iqn.encode()).hexdigest()[:16]
+        self._tgtadm('--op', 'update', '--mode', 'logicalunit', '--tid',
+                     tid, '--lun', '1', '--params',
+                     'readonly=1,scsi_id=thunder-%s,scsi_sn=%s'
+                     % (serial, serial))
+        self._tgtadm('--op', 'new', '--mode', 'account', '--user', user,
+                     '--password', secret)
+        self._tgtadm('--op', 'bind', '--mode', 'account', '--tid', tid,
+                     '--user', user)
+        self._tgtadm('--op', 'bind', '--mode', 'target', '--tid', tid,
+                     '--initiator-address', 'ALL')
+
+    def unexport_origin(self, iqn, user):
+        for line in self.targets().splitlines():
+            if line.startswith('Target ') and line.split()[2] == iqn:
+                self._tgtadm('--op', 'delete', '--mode', 'target', '--tid',
+                             line.split()[1].rstrip(':'))
+        self._tgtadm('--op', 'delete', '--mode', 'account', '--user', user)
+
 
 def _setup_network(hosts):
     from pyroute2 import IPRoute
@@ -239,22 +279,31 @@ def _wait_reachable(address, port=3260, timeout=30):
 @pytest.fixture(scope='session')
 def guest(tmp_path_factory):
     """Kernel modules, privsep daemons, iscsid, namespaces and tgtds."""
+    from oslo_config import cfg
     from oslo_privsep import priv_context
     import os_brick.privileged
 
+    from thunder_agent import conf as agent_conf
     from thunder_agent import privileged
 
     sh('modprobe', '-a', 'sd_mod', 'iscsi_tcp', 'dm_multipath',
        'dm_snapshot', 'dm_cache', 'dm_cache_smq', 'bcache', 'loop')
+    root = tmp_path_factory.mktemp('hosts')
+    # The forked helpers admit what their configuration (this process's)
+    # allows: every in-process agent's state lies under the hosts' root,
+    # its device prefix is 'th' + host name.
+    agent_conf.register_opts(cfg.CONF)
+    cfg.CONF.set_override('state_path', str(root), group='agent')
+    cfg.CONF.set_override('device_prefix', IN_PROCESS_PREFIX,
+                          group='kernel')
     # The guest runs everything as root: fork the privileged daemons
     # instead of launching them through sudo.
-    for context in (privileged.default, os_brick.privileged.default):
+    for context in privileged.CONTEXTS + (os_brick.privileged.default,):
         if context.channel is None:
             context.start(priv_context.Method.FORK)
     if subprocess.run(['pgrep', '-x', 'iscsid'],
                       capture_output=True).returncode != 0:
         sh('iscsid')
-    root = tmp_path_factory.mktemp('hosts')
     hosts = {
         'origin': Host('origin', 'thunder-origin', ['10.99.1.1',
                                                     '10.99.1.2',
@@ -318,10 +367,8 @@ class Image:
 def make_image(guest):
     """Factory: a random image exported by the origin's tgtd."""
     from thunder_agent.drivers.kernel import chap
-    from thunder_agent.drivers.kernel import target
 
     origin = guest['origin']
-    tgt = target.Tgt(origin.control_port)
     made = []
 
     def make(size=IMAGE_SIZE):
@@ -341,14 +388,15 @@ def make_image(guest):
         image = Image(image_id, path, size, digest.hexdigest(), loop,
                       '%s:origin:%s' % (IQN_PREFIX, image_id),
                       chap.new_secret())
-        tgt.export(image.iqn, loop, 'origin-' + image_id[:8], image.secret)
+        origin.export_origin(image.iqn, loop, 'origin-' + image_id[:8],
+                             image.secret)
         made.append(image)
         return image
 
     yield make
     for image in made:
         with contextlib.suppress(Exception):
-            tgt.unexport(image.iqn, 'origin-' + image.image_id[:8])
+            origin.unexport_origin(image.iqn, 'origin-' + image.image_id[:8])
         sh('losetup', '--detach', image.loop, check=False)
 
 
@@ -387,7 +435,7 @@ class Agent:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, 'wb') as f:
             f.write(relay_key)
-        settings = {'device_prefix': 'th' + host.name,
+        settings = {'device_prefix': IN_PROCESS_PREFIX + host.name,
                     'tgt_control_port': host.control_port,
                     'export_address': host.address,
                     'relay_key_file': key_file}
@@ -732,7 +780,12 @@ def _agent_options(host, topic, key_file, lock_path):
         'kernel': {'tgt_control_port': host.control_port,
                    'export_address': host.address,
                    'device_prefix': 'r' + host.name,
-                   'relay_key_file': key_file},
+                   'relay_key_file': key_file,
+                   # The guest's /tmp has under 1 GiB free: the default
+                   # 1 GiB cache floor plus the 1 GiB reserve of the
+                   # disk-space admission cannot fit.
+                   'cache_min_size_mb': 256},
+        'cache': {'reserve_mb': 64},
         'relay': {'enabled': 'true', 'parent_probe_interval': 1,
                   'parent_failures': 2, 'parent_ready_timeout': 15,
                   'join_timeout': 10},

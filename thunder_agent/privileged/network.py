@@ -1,12 +1,15 @@
 """Privileged network operations: the relay rate limit (see
-:mod:`thunder_agent.ratelimit`, which checks the arguments first)."""
+:mod:`thunder_agent.ratelimit`, which checks the arguments first), in the
+:data:`net` context (CAP_NET_ADMIN only: tc over netlink)."""
 
 import errno
+import re
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from thunder_agent.privileged import default
+from thunder_agent.privileged import net
+from thunder_agent.privileged import scope as sc
 
 RELAY_QDISC = 0x10000           # 1:
 RELAY_CLASS = 0x10001           # 1:1
@@ -15,12 +18,24 @@ RELAY_CLASS = 0x10001           # 1:1
 RELAY_DEFAULT_CLASS = 0xffff
 _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
+# An interface name (IFNAMSIZ - 1 characters), never an option.
+_IFNAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}$')
+# tc's rate field is 32 bits of bytes per second; the relay ports are
+# the agent's listeners, a handful.
+MAX_RATE = 2 ** 32 - 1
+MAX_PORTS = 64
 
 
-@default.entrypoint
+@net.entrypoint
 def set_relay_rate_limit(ifname, rate_bytes, ports):
     """Shape TCP/UDP packets with a source port in *ports* leaving
     *ifname* to *rate_bytes* per second; replaces the root qdisc."""
+    sc.text(ifname, 'interface', _IFNAME.pattern)
+    sc.integer(rate_bytes, 'rate', 1, MAX_RATE)
+    if not isinstance(ports, (list, tuple)) or not 0 < len(ports) \
+            <= MAX_PORTS:
+        sc.refuse('ports must be a list of 1 to %d ports' % MAX_PORTS)
+    ports = [sc.integer(p, 'port', 1, 65535) for p in ports]
     with IPRoute() as ipr:
         index = _link_index(ipr, ifname)
         _delete_root_qdisc(ipr, index)
@@ -41,9 +56,10 @@ def set_relay_rate_limit(ifname, rate_bytes, ports):
                    keys=[key + '+40'])
 
 
-@default.entrypoint
+@net.entrypoint
 def clear_relay_rate_limit(ifname):
     """Remove the root qdisc of *ifname* (back to the kernel default)."""
+    sc.text(ifname, 'interface', _IFNAME.pattern)
     with IPRoute() as ipr:
         _delete_root_qdisc(ipr, _link_index(ipr, ifname))
 

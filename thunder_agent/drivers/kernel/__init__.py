@@ -2,8 +2,11 @@
 
 iSCSI sessions (os-brick), device-mapper tables, loop devices, a local
 read cache (bcache, or dm-cache for comparison) and tgt exports. Every
-root operation goes through :mod:`thunder_agent.privileged.kernel`; these
-modules turn its (exit code, stdout, stderr) answers into typed errors.
+root operation goes through :mod:`thunder_agent.privileged.kernel` (block
+devices) or :mod:`thunder_agent.privileged.tgt` (tgt, discovery), which
+take ids and the agent's own devices and build commands and tables
+themselves; these modules turn their (exit code, stdout, stderr) answers
+into typed errors.
 """
 
 from thunder_agent import exception

@@ -26,7 +26,9 @@ upstream once per device, about 1 MiB each, whatever the image size.
 
 Both variants take the source device (the template's multipath map) and
 return the cached block device; files live in the template's directory
-and survive agent restarts and reboots (``assemble`` re-adopts them).
+and survive agent restarts and reboots (``assemble`` re-adopts them). The
+privileged helper builds their tables and runs make-bcache itself, over
+the agent's own devices only (:mod:`thunder_agent.privileged.kernel`).
 """
 
 import os
@@ -40,6 +42,7 @@ from thunder_agent.drivers.kernel import dmtables
 from thunder_agent.drivers.kernel import loop
 from thunder_agent.drivers.kernel import sysfs
 from thunder_agent.privileged import kernel as priv
+from thunder_agent.privileged import scope as pscope
 
 LOG = logging.getLogger(__name__)
 
@@ -68,6 +71,25 @@ def cache_file_size(image_size, min_size_mb, ratio, block_size):
     return -(-size // block_size) * block_size
 
 
+def dmcache_meta_size(file_size, block_size):
+    """dm-cache metadata: 4 MiB plus 16 bytes per cache block
+    (lvmcache's rule), in whole MiB."""
+    blocks = file_size // block_size
+    return -(-(4 * MIB + 16 * blocks) // MIB) * MIB
+
+
+def capacity(kind, image_size, conf):
+    """Most bytes the cache files of one template can take: the sparse
+    cache file full, plus bcache's 1 MiB superblock file or dm-cache's
+    metadata."""
+    block = conf.kernel.cache_block_size
+    size = cache_file_size(image_size, conf.kernel.cache_min_size_mb,
+                           conf.kernel.cache_size_ratio, block)
+    if kind == DmCache.kind:
+        return size + dmcache_meta_size(size, block)
+    return size + MIB
+
+
 def _wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while True:
@@ -91,7 +113,9 @@ class Bcache:
     kind = 'bcache'
 
     def __init__(self, prefix, image_id, template_dir, block_size,
-                 file_size, timeout):
+                 file_size, timeout, scope=None):
+        self.scope = scope
+        self.image_id = image_id
         self.backing_name = dmtables.device_name(prefix, 'bk', image_id)
         self.sb_file = os.path.join(template_dir, BCACHE_SB_FILE)
         self.cache_file = os.path.join(template_dir, CACHE_FILE)
@@ -132,9 +156,8 @@ class Bcache:
         loop.create_sparse_file(self.sb_file, MIB)
         loop.create_sparse_file(self.cache_file, self.file_size)
         backing, cache_dev = self._attach(source, length)
-        out = priv.make_bcache(
-            ['--bucket', str(self.block_size), '--block', '512',
-             '-B', backing, '-C', cache_dev])
+        out = priv.make_bcache(self.scope, self.image_id, cache_dev,
+                               self.block_size)
         if out[0] != 0:
             raise exception.BackendError(
                 reason='make-bcache failed: %s' % out[2].strip())
@@ -150,19 +173,21 @@ class Bcache:
         return self._register(backing, cache_dev)
 
     def _attach(self, source, length):
-        sb = loop.attach(self.sb_file)
-        if not devmapper.exists(self.backing_name):
-            devmapper.create(self.backing_name,
-                             dmtables.bcache_backing(sb, source, length))
-        cache_dev = loop.attach(self.cache_file)
+        # *source* is the template's -src map: the helper puts exactly
+        # that one behind the superblock area.
+        sb = loop.attach(self.scope, self.sb_file)
+        if not devmapper.exists(self.scope, self.backing_name):
+            devmapper.created(priv.create_bcache_backing(
+                self.scope, self.image_id, sb, length), self.backing_name)
+        cache_dev = loop.attach(self.scope, self.cache_file)
         return devmapper.device_path(self.backing_name), cache_dev
 
     def _register(self, backing, cache_dev):
         # udev's bcache rule may have registered either device already;
         # bcache then answers EINVAL/EBUSY, so judge by the outcome.
         for dev in (cache_dev, backing):
-            code, _out, err = priv.write_sysfs('/sys/fs/bcache/register',
-                                               dev)
+            code, _out, err = priv.write_sysfs(
+                self.scope, '/sys/fs/bcache/register', dev)
             if code:
                 LOG.debug('bcache register %s: %s', dev, err)
         device = _wait_for(self.device, self.timeout,
@@ -185,7 +210,7 @@ class Bcache:
             (os.path.join(cset, 'congested_write_threshold_us'), 0),
         ]
         for path, value in settings:
-            code, _out, err = priv.write_sysfs(path, value)
+            code, _out, err = priv.write_sysfs(self.scope, path, value)
             if code:
                 raise exception.BackendError(
                     reason='bcache setting %s failed: %s' % (path, err))
@@ -196,17 +221,18 @@ class Bcache:
         cset = self._cache_set()
         bdir = self._backing_sysfs()
         if bdir and os.path.exists(bdir):
-            priv.write_sysfs(os.path.join(bdir, 'stop'), 1)
+            priv.write_sysfs(self.scope, os.path.join(bdir, 'stop'), 1)
             _wait_for(lambda: not os.path.exists(bdir), self.timeout,
                       'bcache to release %s' % self.backing_name)
         if cset and os.path.exists('/sys/fs/bcache/' + cset):
-            priv.write_sysfs('/sys/fs/bcache/%s/stop' % cset, 1)
+            priv.write_sysfs(self.scope, '/sys/fs/bcache/%s/stop' % cset,
+                             1)
             _wait_for(lambda: not os.path.exists('/sys/fs/bcache/' + cset),
                       self.timeout, 'bcache cache set %s to stop' % cset)
-        devmapper.remove(self.backing_name)
+        devmapper.remove(self.scope, self.backing_name)
         for path in (self.cache_file, self.sb_file):
             for dev in loop.find(path):
-                loop.detach(dev)
+                loop.detach(self.scope, dev)
 
     def stats(self):
         cset = self._cache_set()
@@ -229,7 +255,9 @@ class DmCache:
     kind = 'dm-cache'
 
     def __init__(self, prefix, image_id, template_dir, block_size,
-                 file_size, timeout, mode='writethrough'):
+                 file_size, timeout, mode='writethrough', scope=None):
+        self.scope = scope
+        self.image_id = image_id
         self.name = dmtables.device_name(prefix, 'dmc', image_id)
         self.cache_file = os.path.join(template_dir, CACHE_FILE)
         self.meta_file = os.path.join(template_dir, DMCACHE_META_FILE)
@@ -240,13 +268,11 @@ class DmCache:
 
     def device(self):
         path = devmapper.device_path(self.name)
-        return path if devmapper.exists(self.name) else None
+        return path if devmapper.exists(self.scope, self.name) else None
 
     def create(self, source, length):
-        # Metadata: 4 MiB plus 16 bytes per cache block (lvmcache's rule).
-        blocks = self.file_size // self.block_size
-        meta_size = -(-(4 * MIB + 16 * blocks) // MIB) * MIB
-        loop.create_sparse_file(self.meta_file, meta_size)
+        loop.create_sparse_file(self.meta_file, dmcache_meta_size(
+            self.file_size, self.block_size))
         loop.create_sparse_file(self.cache_file, self.file_size)
         return self.assemble(source, length)
 
@@ -254,23 +280,25 @@ class DmCache:
         device = self.device()
         if device:
             return device
-        meta = loop.attach(self.meta_file)
-        cache_dev = loop.attach(self.cache_file)
-        return devmapper.create(self.name, dmtables.cache(
-            length, meta, cache_dev, source,
-            self.block_size // dmtables.SECTOR, mode=self.mode))
+        # The helper builds the table over the template's -src map, which
+        # is *source*.
+        meta = loop.attach(self.scope, self.meta_file)
+        cache_dev = loop.attach(self.scope, self.cache_file)
+        return devmapper.created(priv.create_dm_cache(
+            self.scope, self.image_id, length, meta, cache_dev,
+            self.block_size // dmtables.SECTOR, self.mode), self.name)
 
     def destroy(self):
-        devmapper.remove(self.name, timeout=self.timeout)
+        devmapper.remove(self.scope, self.name, timeout=self.timeout)
         for path in (self.cache_file, self.meta_file):
             for dev in loop.find(path):
-                loop.detach(dev)
+                loop.detach(self.scope, dev)
 
     def stats(self):
         used = 0
         if self.device():
             used = dmtables.parse_cache_status(
-                devmapper.status(self.name))['used_blocks']
+                devmapper.status(self.scope, self.name))['used_blocks']
         return {'cached_bytes': used * self.block_size,
                 'block_size': self.block_size, 'blocks_cached': used,
                 'disk_bytes': self.disk_bytes()}
@@ -289,9 +317,11 @@ def make(kind, prefix, image_id, template_dir, image_size, conf):
     size = cache_file_size(image_size, conf.kernel.cache_min_size_mb,
                            conf.kernel.cache_size_ratio, block)
     timeout = conf.kernel.teardown_timeout
+    scope = dict(pscope.of(conf), device_prefix=prefix)
     if kind == Bcache.kind:
-        return Bcache(prefix, image_id, template_dir, block, size, timeout)
+        return Bcache(prefix, image_id, template_dir, block, size, timeout,
+                      scope=scope)
     if kind == DmCache.kind:
         return DmCache(prefix, image_id, template_dir, block, size, timeout,
-                       mode=conf.kernel.dm_cache_mode)
+                       mode=conf.kernel.dm_cache_mode, scope=scope)
     raise exception.InvalidInput(reason='unknown cache type %r' % (kind,))

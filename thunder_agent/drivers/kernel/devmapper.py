@@ -1,4 +1,10 @@
-"""device-mapper devices through ``dmsetup`` (run by privsep)."""
+"""device-mapper devices of the agent (created and queried by privsep).
+
+The privileged helper builds every table itself from ids, sizes and the
+agent's own devices (:mod:`thunder_agent.privileged.kernel`); this module
+names the devices and turns the helper's answers into typed errors.
+*scope* is the agent's (:func:`thunder_agent.privileged.scope.of`).
+"""
 
 import time
 
@@ -7,7 +13,7 @@ from thunder_agent.drivers.kernel import check
 from thunder_agent.privileged import kernel as priv
 
 MAPPER_DIR = '/dev/mapper/'
-UUID_PREFIX = 'THUNDER-'
+UUID_PREFIX = priv.UUID_PREFIX
 # dmsetup exit code when the device does not exist is 1 with this text.
 _NO_DEVICE = ('No such device', 'does not exist')
 
@@ -16,8 +22,8 @@ def device_path(name):
     return MAPPER_DIR + name
 
 
-def exists(name):
-    code, _out, err = priv.dmsetup(['info', name])
+def exists(scope, name):
+    code, _out, err = priv.dm_info(scope, name)
     if code == 0:
         return True
     if any(text in err for text in _NO_DEVICE):
@@ -26,41 +32,18 @@ def exists(name):
                                  % (name, err.strip()))
 
 
-def create(name, table, readonly=False):
-    args = ['create', name, '--uuid', UUID_PREFIX + name]
-    if readonly:
-        args.append('--readonly')
-    check(priv.dmsetup(args, stdin=table + '\n'),
-          'dmsetup create %s' % name)
+def created(result, name):
+    """The device path of *name* once the helper's create succeeded."""
+    check(result, 'dmsetup create %s' % name)
     return device_path(name)
 
 
-def reload(name, table, readonly=False):
-    """Swap the table of a live device; queued I/O carries over.
-
-    ``--noflush`` keeps I/O that a multipath map queued (no usable path)
-    queued across the swap instead of failing it.
-    """
-    check(priv.dmsetup(['suspend', '--noflush', name]),
-          'dmsetup suspend %s' % name)
-    try:
-        args = ['load', name]
-        if readonly:
-            args.append('--readonly')
-        check(priv.dmsetup(args, stdin=table + '\n'),
-              'dmsetup load %s' % name)
-    finally:
-        # Resume in any case: with a failed load the old table comes back.
-        check(priv.dmsetup(['resume', name]),
-              'dmsetup resume %s' % name)
-
-
-def remove(name, timeout=30):
+def remove(scope, name, timeout=30):
     """Remove *name*; absent is fine. udev may hold a just-created device
     open for a moment, hence the retries."""
     deadline = time.monotonic() + timeout
     while True:
-        code, _out, err = priv.dmsetup(['remove', '--retry', name])
+        code, _out, err = priv.remove_dm_device(scope, name)
         if code == 0 or any(text in err for text in _NO_DEVICE):
             return
         if time.monotonic() >= deadline:
@@ -69,12 +52,11 @@ def remove(name, timeout=30):
         time.sleep(0.5)
 
 
-def status(name):
-    return check(priv.dmsetup(['status', name]),
+def status(scope, name):
+    return check(priv.dm_status(scope, name),
                  'dmsetup status %s' % name).strip()
 
 
-def open_count(name):
-    out = check(priv.dmsetup(['info', '-c', '--noheadings', '-o', 'open',
-                              name]), 'dmsetup info %s' % name)
+def open_count(scope, name):
+    out = check(priv.dm_open_count(scope, name), 'dmsetup info %s' % name)
     return int(out.strip())

@@ -61,6 +61,7 @@ from thunder_agent.drivers.kernel import loop
 from thunder_agent.drivers.kernel import sysfs
 from thunder_agent.drivers.kernel import target as ktarget
 from thunder_agent.privileged import kernel as priv
+from thunder_agent.privileged import scope as pscope
 
 LOG = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ class KernelDriver(base.Driver):
         self.kconf = conf.kernel
         self.prefix = self.kconf.device_prefix
         self.relay = conf.relay.enabled
-        self.tgt = ktarget.Tgt(self.kconf.tgt_control_port)
+        # What the privileged helpers let this agent touch: files under
+        # [agent] state_path, devices and targets with its prefixes.
+        self.scope = pscope.of(conf)
+        self.tgt = ktarget.Tgt(self.kconf.tgt_control_port, self.scope)
         self._connector = None
         self._relay_key = None
 
@@ -154,7 +158,8 @@ class KernelDriver(base.Driver):
         if self._connector is None:
             self._connector = iscsi.SourceConnector(
                 device_scan_attempts=self.kconf.device_scan_attempts,
-                recovery_timeout=self.kconf.source_recovery_timeout)
+                recovery_timeout=self.kconf.source_recovery_timeout,
+                scope=self.scope)
         return self._connector
 
     # -- names -----------------------------------------------------------
@@ -410,9 +415,11 @@ class KernelDriver(base.Driver):
                        for e in kept):
                 self._disconnect(entry)
 
-    def _source_table(self, template, entries):
-        paths = [sysfs.dev_numbers(e['device']['path']) for e in entries]
-        return dmtables.multipath(dmtables.sectors(template.size), paths)
+    @staticmethod
+    def _source_disks(entries):
+        # The helper checks each is an iSCSI disk and builds the
+        # multipath table over their major:minor numbers.
+        return [os.path.realpath(e['device']['path']) for e in entries]
 
     @staticmethod
     def _wanted_sources(template):
@@ -449,25 +456,28 @@ class KernelDriver(base.Driver):
         length = dmtables.sectors(template.size)
         image_id = template.image_id
         src = self._dev('src', image_id)
-        table = self._source_table(template, layout['sources'])
-        if devmapper.exists(src):
-            devmapper.reload(src, table, readonly=True)
+        disks = self._source_disks(layout['sources'])
+        if devmapper.exists(self.scope, src):
+            check(priv.reload_source_map(self.scope, image_id, length,
+                                         disks), 'dmsetup reload %s' % src)
         else:
             # Read-only: parents export write-protected LUNs.
-            devmapper.create(src, table, readonly=True)
+            devmapper.created(priv.create_source_map(
+                self.scope, image_id, length, disks), src)
         cache = self._cache(template, template_dir, layout)
         if fresh:
             cached = cache.create(devmapper.device_path(src), length)
         else:
             cached = cache.assemble(devmapper.device_path(src), length)
         tpl = self._dev('tpl', image_id)
-        if not devmapper.exists(tpl):
-            devmapper.create(tpl, dmtables.linear([(cached, 0, length)]),
-                             readonly=True)
+        if not devmapper.exists(self.scope, tpl):
+            # Read-only linear map over the cache.
+            devmapper.created(priv.create_template_map(
+                self.scope, image_id, length, cached), tpl)
         export = layout['export']
         if export:
-            self.tgt.export(export['iqn'], devmapper.device_path(tpl),
-                            chap.username(image_id),
+            # LUN 1 is the -tpl device, the account thunder-<image_id>.
+            self.tgt.export(export['iqn'], image_id,
                             self._export_secret(export))
         return self._export(template, layout)
 
@@ -508,8 +518,9 @@ class KernelDriver(base.Driver):
         attached = time.monotonic()
         src = self._dev('src', template.image_id)
         # Queued and in-flight I/O moves to the new paths.
-        devmapper.reload(src, self._source_table(template, entries),
-                         readonly=True)
+        check(priv.reload_source_map(
+            self.scope, template.image_id, dmtables.sectors(template.size),
+            self._source_disks(entries)), 'dmsetup reload %s' % src)
         layout['sources'] = entries
         self._save_layout(template_dir, layout)
         switched = time.monotonic()
@@ -528,7 +539,7 @@ class KernelDriver(base.Driver):
         layout = (self._load_layout(template, template_dir)
                   or self._new_layout())
         tpl = self._dev('tpl', template.image_id)
-        if devmapper.exists(tpl):
+        if devmapper.exists(self.scope, tpl):
             users = sysfs.holders(devmapper.device_path(tpl))
             if users:
                 raise exception.TemplateInUse(
@@ -558,13 +569,13 @@ class KernelDriver(base.Driver):
         image_id = template.image_id
         iqn = self._export_iqn(template, layout)
         if iqn:
-            self.tgt.unexport(iqn, chap.username(image_id))
-        devmapper.remove(self._dev('tpl', image_id))
+            self.tgt.unexport(iqn, image_id)
+        devmapper.remove(self.scope, self._dev('tpl', image_id))
         self._cache(template, template_dir, layout).destroy()
-        devmapper.remove(self._dev('src', image_id))
+        devmapper.remove(self.scope, self._dev('src', image_id))
         for entry in layout.get('sources', []):
             self._disconnect(entry)
-        loop.detach_under(template_dir)
+        loop.detach_under(self.scope, template_dir)
         layout['sources'] = []
         layout['export'] = None
         if os.path.isdir(template_dir):
@@ -575,8 +586,10 @@ class KernelDriver(base.Driver):
         if layout is None:
             return False
         try:
-            if not (devmapper.exists(self._dev('src', template.image_id))
-                    and devmapper.exists(self._dev('tpl',
+            if not (devmapper.exists(self.scope,
+                                     self._dev('src', template.image_id))
+                    and devmapper.exists(self.scope,
+                                         self._dev('tpl',
                                                    template.image_id))):
                 return False
             if layout['export']:
@@ -590,7 +603,8 @@ class KernelDriver(base.Driver):
     def source_paths(self, template, template_dir):
         """State of the template's paths: ``{'queued_ios', 'paths'}``."""
         return dmtables.parse_multipath_status(
-            devmapper.status(self._dev('src', template.image_id)))
+            devmapper.status(self.scope,
+                             self._dev('src', template.image_id)))
 
     def template_stats(self, template, template_dir):
         layout = (self._load_layout(template, template_dir)
@@ -607,6 +621,16 @@ class KernelDriver(base.Driver):
             blocks_cached=stats['blocks_cached'],
             block_size=stats['block_size'],
             disk_bytes=stats['disk_bytes']), None
+
+    def cache_capacity(self, template, template_dir):
+        # Exactly the layout's files at full size (see kcache.capacity):
+        # twice the image with a [kernel] cache_min_size_mb floor, plus
+        # 1 MiB (bcache) or the dm-cache metadata.
+        layout = None
+        if os.path.isdir(template_dir):
+            layout = self._load_layout(template, template_dir)
+        kind = layout['cache_type'] if layout else self.kconf.cache_type
+        return kcache.capacity(kind, template.size, self.conf)
 
     def disk_usage(self, template, template_dir):
         layout = (self._load_layout(template, template_dir)
@@ -630,13 +654,6 @@ class KernelDriver(base.Driver):
                          'image_id': template.image_id,
                          'instance_id': instance_id}}
 
-    def _snapshot_table(self, template, cow_device):
-        chunk = self.kconf.snapshot_chunk_size
-        return dmtables.snapshot(
-            dmtables.sectors(template.size),
-            self._tpl_path(template.image_id), cow_device, persistent=True,
-            chunk_sectors=chunk // dmtables.SECTOR)
-
     def create_snapshot(self, template, template_dir, instance_id,
                         snapshot_dir):
         # Room for every chunk plus the exception tables (16 bytes per
@@ -649,14 +666,18 @@ class KernelDriver(base.Driver):
             self._activate_snapshot(template, instance_id, cow)
         except Exception:
             with excutils.save_and_reraise_exception():
-                loop.detach_under(snapshot_dir)
+                loop.detach_under(self.scope, snapshot_dir)
         return self._connection_info(template, instance_id)
 
     def _activate_snapshot(self, template, instance_id, cow):
         name = dmtables.snapshot_name(self.prefix, instance_id)
-        if not devmapper.exists(name):
-            devmapper.create(name, self._snapshot_table(
-                template, loop.attach(cow)))
+        if not devmapper.exists(self.scope, name):
+            # Persistent, over the template, COW store on the loop device.
+            chunk = self.kconf.snapshot_chunk_size // dmtables.SECTOR
+            devmapper.created(priv.create_snapshot_map(
+                self.scope, instance_id, template.image_id,
+                dmtables.sectors(template.size),
+                loop.attach(self.scope, cow), chunk), name)
 
     def ensure_snapshot(self, template, template_dir, snapshot,
                         snapshot_dir):
@@ -671,9 +692,9 @@ class KernelDriver(base.Driver):
 
     def snapshot_users(self, template, snapshot, snapshot_dir):
         name = dmtables.snapshot_name(self.prefix, snapshot.instance_id)
-        if not devmapper.exists(name):
+        if not devmapper.exists(self.scope, name):
             return None
-        users = devmapper.open_count(name)
+        users = devmapper.open_count(self.scope, name)
         if users:
             return 'device %s is open %d time(s)' % (
                 devmapper.device_path(name), users)
@@ -685,6 +706,6 @@ class KernelDriver(base.Driver):
         if users:
             raise exception.SnapshotInUse(instance_id=snapshot.instance_id,
                                           reason=users)
-        devmapper.remove(dmtables.snapshot_name(self.prefix,
-                                                snapshot.instance_id))
-        loop.detach_under(snapshot_dir)
+        devmapper.remove(self.scope, dmtables.snapshot_name(
+            self.prefix, snapshot.instance_id))
+        loop.detach_under(self.scope, snapshot_dir)

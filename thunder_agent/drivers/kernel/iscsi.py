@@ -26,6 +26,7 @@ from thunder_agent import exception
 from thunder_agent.drivers.kernel import chap
 from thunder_agent.drivers.kernel import sysfs
 from thunder_agent.privileged import kernel as priv
+from thunder_agent.privileged import tgt as priv_tgt
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def target_of(endpoint):
             raise exception.InvalidSource(reason='%s %r is not valid'
                                                  % (key, value))
     try:
-        priv.check_portal(data['target_portal'])
+        priv_tgt.check_portal(data['target_portal'])
     except exception.PrivilegedOperationNotAllowed as e:
         raise exception.InvalidSource(reason=e.kwargs['reason'])
     lun = data.get('target_lun', 0)
@@ -105,7 +106,7 @@ def portal_answers(portal, timeout):
 def target_listed(portal, iqn, timeout):
     """True when *portal* lists *iqn* to a SendTargets discovery (tgt
     lists a target once its LUN, account and ACL are in place)."""
-    code, out, err = priv.iscsi_discover(portal, timeout)
+    code, out, err = priv_tgt.iscsi_discover(portal, timeout)
     if code != 0:
         LOG.debug('Discovery at %s: exit code %s: %s', portal, code,
                   err.strip())
@@ -127,8 +128,10 @@ def setup_lock_path(run_path):
 
 
 class SourceConnector:
-    def __init__(self, device_scan_attempts=3, recovery_timeout=5):
+    def __init__(self, device_scan_attempts=3, recovery_timeout=5,
+                 scope=None):
         self.recovery_timeout = recovery_timeout
+        self.scope = scope
         self.connector = brick_connector.InitiatorConnector.factory(
             'ISCSI', None, use_multipath=False,
             device_scan_attempts=device_scan_attempts)
@@ -165,7 +168,8 @@ class SourceConnector:
         if session is None:
             return
         code, _out, err = priv.write_sysfs(
-            os.path.join(session, 'recovery_tmo'), self.recovery_timeout)
+            self.scope, os.path.join(session, 'recovery_tmo'),
+            self.recovery_timeout)
         if code:
             LOG.warning('Cannot set recovery_tmo of %s: %s', session, err)
 

@@ -1,4 +1,9 @@
-"""Loop devices over local files (COW stores, caches, bcache superblocks)."""
+"""Loop devices over local files (COW stores, caches, bcache superblocks).
+
+The privileged helper attaches only regular files under ``[agent]
+state_path`` and detaches only loop devices over such files
+(:func:`thunder_agent.privileged.kernel.attach_loop`).
+"""
 
 import os
 
@@ -23,27 +28,24 @@ def find(path):
                   if backing == real)
 
 
-def attach(path, read_only=False):
+def attach(scope, path, read_only=False):
     """Attach *path*, reusing a loop device already backed by it."""
     existing = find(path)
     if existing:
         return existing[0]
-    args = ['--find', '--show']
-    if read_only:
-        args.append('--read-only')
-    out = check(priv.losetup(args + [os.path.realpath(path)]),
-                'losetup %s' % path)
+    out = check(priv.attach_loop(scope, path, read_only),
+                'attaching a loop device to %s' % path)
     return out.strip()
 
 
-def detach(device):
-    check(priv.losetup(['--detach', device]),
+def detach(scope, device):
+    check(priv.detach_loop(scope, device),
           'losetup --detach %s' % device, ok_codes=(0, 1))
 
 
-def detach_under(directory):
+def detach_under(scope, directory):
     """Detach every loop device whose backing file lies in *directory*."""
     root = os.path.realpath(directory) + os.sep
     for dev, backing in sysfs.loop_backing_files().items():
         if backing.startswith(root):
-            detach(dev)
+            detach(scope, dev)

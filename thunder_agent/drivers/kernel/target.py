@@ -1,87 +1,41 @@
 """iSCSI exports with tgt: one target per template, CHAP on every target.
 
-The backend drives a running tgtd through ``tgtadm`` on its management
-port; it does not start tgtd itself (a system service, or one per network
-namespace in the guest tests).
+The backend drives a running tgtd on its management port; it does not
+start tgtd itself (a system service, or one per network namespace in the
+guest tests). The privileged helper (:mod:`thunder_agent.privileged.tgt`)
+talks to tgtd over its management socket instead of running tgtadm, so
+that a CHAP secret never sits on a command line, and touches only the
+agent's own targets (names under ``[kernel] iqn_prefix``, LUNs backed by
+its own template devices).
 """
-
-import hashlib
-import re
 
 from thunder_agent import exception
 from thunder_agent.drivers.kernel import check
-from thunder_agent.privileged import kernel as priv
+from thunder_agent.privileged import tgt as priv_tgt
 
-# LUN 0 of a tgt target is its controller; the template is LUN 1.
-LUN = 1
-_TARGET_LINE = re.compile(r'^Target (\d+): (\S+)$')
-
-
-def parse_targets(text):
-    """Targets from ``tgtadm --op show --mode target``.
-
-    Returns ``{iqn: {'tid', 'sessions', 'luns': {lun: backing path},
-    'accounts', 'acls'}}``.
-    """
-    targets = {}
-    current = None
-    section = None
-    lun = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        match = _TARGET_LINE.match(raw)
-        if match:
-            current = {'tid': int(match.group(1)), 'sessions': 0,
-                       'luns': {}, 'accounts': [], 'acls': []}
-            targets[match.group(2)] = current
-            section = None
-            continue
-        if current is None or not line:
-            continue
-        if line.endswith('information:'):
-            section = line[:-len(' information:')]
-            continue
-        if section == 'I_T nexus' and line.startswith('I_T nexus:'):
-            current['sessions'] += 1
-        elif section == 'LUN' and line.startswith('LUN:'):
-            lun = int(line.split(':', 1)[1])
-            current['luns'][lun] = None
-        elif section == 'LUN' and line.startswith('Backing store path:'):
-            path = line.split(':', 1)[1].strip()
-            current['luns'][lun] = None if path == 'None' else path
-        elif section == 'Account':
-            current['accounts'].append(line.split()[0])
-        elif section == 'ACL':
-            current['acls'].append(line)
-    return targets
+LUN = priv_tgt.LUN
+parse_targets = priv_tgt.parse_targets
 
 
 class Tgt:
-    def __init__(self, control_port):
+    def __init__(self, control_port, scope=None):
         self.control_port = control_port
-
-    def _adm(self, what, *args, ok_codes=(0,)):
-        return check(priv.tgtadm(
-            ['-C', str(self.control_port), '--lld', 'iscsi'] + list(args)),
-            'tgtadm %s' % what, ok_codes=ok_codes)
+        self.scope = scope
 
     def check_running(self):
-        code, _out, err = priv.tgtadm(
-            ['-C', str(self.control_port), '--op', 'show', '--mode', 'sys'])
+        code, _out, err = priv_tgt.tgt_check(self.control_port)
         if code != 0:
             raise exception.BackendError(
                 reason='tgtd is not reachable on control port %s: %s'
                        % (self.control_port, err.strip()))
 
     def targets(self):
-        return parse_targets(self._adm('show', '--op', 'show', '--mode',
-                                       'target'))
-
-    def accounts(self):
-        out = self._adm('show accounts', '--op', 'show', '--mode', 'account')
-        # "Account list:" then one user name per line.
-        return [line.strip() for line in out.splitlines()[1:]
-                if line.strip()]
+        """The agent's own targets: ``{iqn: {'tid', 'sessions', 'luns':
+        {lun: backing path}, 'accounts', 'acls'}}``."""
+        code, targets, err = priv_tgt.tgt_targets(self.scope,
+                                                  self.control_port)
+        check((code, '', err), 'tgtadm show')
+        return targets
 
     def find(self, iqn):
         return self.targets().get(iqn)
@@ -90,58 +44,24 @@ class Tgt:
         target = self.find(iqn)
         return target['sessions'] if target else 0
 
-    def export(self, iqn, device, username, secret):
-        """Export *device* read-only as LUN 1 of *iqn*, CHAP-protected.
+    def export(self, iqn, image_id, secret):
+        """Export the template of *image_id* read-only as LUN 1 of *iqn*,
+        CHAP-protected (account ``thunder-<image_id>``).
 
         Idempotent: an existing target of that name is re-used.
         """
-        target = self.find(iqn)
-        if target is None:
-            tids = [t['tid'] for t in self.targets().values()]
-            tid = max(tids, default=0) + 1
-            self._adm('new target', '--op', 'new', '--mode', 'target',
-                      '--tid', str(tid), '--targetname', iqn)
-            target = {'tid': tid, 'luns': {}, 'accounts': [], 'acls': []}
-        tid = str(target['tid'])
-        if target['luns'].get(LUN) is None:
-            # O_DIRECT: the template's page cache would only duplicate
-            # the local cache below it.
-            self._adm('new lun', '--op', 'new', '--mode', 'logicalunit',
-                      '--tid', tid, '--lun', str(LUN),
-                      '--backing-store', device, '--bsoflags', 'direct')
-            # Write-protected: children can never change a template. A
-            # serial of its own per export: tgt's default (derived from
-            # tid and LUN) repeats on every host and would let a host's
-            # multipathd merge unrelated LUNs into one map.
-            serial = hashlib.sha1(iqn.encode()).hexdigest()[:16]
-            self._adm('update lun', '--op', 'update', '--mode',
-                      'logicalunit', '--tid', tid, '--lun', str(LUN),
-                      '--params', 'readonly=1,scsi_id=thunder-%s,scsi_sn=%s'
-                      % (serial, serial))
-        if username not in target['accounts']:
-            if username in self.accounts():
-                self._adm('delete account', '--op', 'delete', '--mode',
-                          'account', '--user', username)
-            self._adm('new account', '--op', 'new', '--mode', 'account',
-                      '--user', username, '--password', secret)
-            self._adm('bind account', '--op', 'bind', '--mode', 'account',
-                      '--tid', tid, '--user', username)
-        if not target['acls']:
-            # Who may log in is decided by CHAP, not by address.
-            self._adm('bind acl', '--op', 'bind', '--mode', 'target',
-                      '--tid', tid, '--initiator-address', 'ALL')
-        return target['tid']
+        code, tid, err = priv_tgt.tgt_export(self.scope, self.control_port,
+                                             image_id, iqn, secret)
+        check((code, '', err), 'tgt export of %s' % iqn)
+        return tid
 
-    def unexport(self, iqn, username=None):
-        """Remove the target (refused while initiators are logged in)."""
+    def unexport(self, iqn, image_id):
+        """Remove the target and its account (refused while initiators
+        are logged in)."""
         target = self.find(iqn)
-        if target is not None:
-            if target['sessions']:
-                raise exception.BackendError(
-                    reason='target %s still has %d session(s)'
-                           % (iqn, target['sessions']))
-            self._adm('delete target', '--op', 'delete', '--mode', 'target',
-                      '--tid', str(target['tid']))
-        if username and username in self.accounts():
-            self._adm('delete account', '--op', 'delete', '--mode',
-                      'account', '--user', username)
+        if target is not None and target['sessions']:
+            raise exception.BackendError(
+                reason='target %s still has %d session(s)'
+                       % (iqn, target['sessions']))
+        check(priv_tgt.tgt_unexport(self.scope, self.control_port, image_id,
+                                    iqn), 'tgt unexport of %s' % iqn)

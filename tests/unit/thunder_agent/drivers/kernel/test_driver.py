@@ -1,12 +1,12 @@
 """Kernel driver behaviour that needs no kernel.
 
 The privileged layer is faked at its boundary
-(:mod:`thunder_agent.privileged.kernel`): dmsetup, tgtadm and losetup
-answer with the (exit code, stdout, stderr) the real tools give, from a
-small model of the devices and targets that exist. os-brick's logins, the
-sysfs views of devices that do not exist here and the bcache cache (whose
-sysfs interplay needs the kernel) are fakes too; the guest tier runs all
-of it for real (tests/guest).
+(:mod:`thunder_agent.privileged.kernel` and ``.tgt``): its semantic entry
+points answer with the (exit code, stdout, stderr) the real helpers give,
+from a small model of the devices and targets that exist. os-brick's
+logins, the sysfs views of devices that do not exist here and the bcache
+cache (whose sysfs interplay needs the kernel) are fakes too; the guest
+tier runs all of it for real (tests/guest).
 """
 
 import json
@@ -28,10 +28,12 @@ from thunder_agent import records
 from thunder_agent.drivers import base
 from thunder_agent.drivers.kernel import cache as kcache
 from thunder_agent.drivers.kernel import chap
+from thunder_agent.drivers.kernel import dmtables
 from thunder_agent.drivers.kernel import driver as kernel
 from thunder_agent.drivers.kernel import iscsi
 from thunder_agent.drivers.kernel import sysfs
 from thunder_agent.privileged import kernel as priv
+from thunder_agent.privileged import tgt as priv_tgt
 
 IMAGE = '0f2b1a3c-5d4e-4f60-8a7b-9c8d7e6f5a4b'
 SIZE = 32 << 20
@@ -49,8 +51,9 @@ NO_DEVICE = (1, '', 'Device does not exist.\nCommand failed.\n')
 # -- fakes at the boundaries ---------------------------------------------
 
 class FakeKernel:
-    """dmsetup, tgtadm, losetup and friends as the privsep entry points
-    answer, over a model of what exists."""
+    """The privileged entry points (block and iSCSI contexts) as they
+    answer, over a model of what exists; tables are built as the helper
+    builds them (dmtables)."""
 
     def __init__(self):
         self.calls = []
@@ -60,12 +63,19 @@ class FakeKernel:
         self.accounts = {}      # user -> password
         self.sessions = {}      # iqn -> logged-in initiators
         self.discovery = {}     # portal -> (code, out, err)
+        self.scopes = []
 
     def install(self, monkeypatch):
-        for name in ('dmsetup', 'tgtadm', 'losetup', 'make_bcache',
-                     'write_sysfs', 'load_kernel_modules',
-                     'iscsi_discover'):
+        for name in ('attach_loop', 'detach_loop', 'dm_info',
+                     'dm_open_count', 'dm_status', 'remove_dm_device',
+                     'create_source_map', 'reload_source_map',
+                     'create_bcache_backing', 'create_dm_cache',
+                     'create_template_map', 'create_snapshot_map',
+                     'make_bcache', 'write_sysfs', 'load_kernel_modules'):
             monkeypatch.setattr(priv, name, getattr(self, name))
+        for name in ('tgt_check', 'tgt_targets', 'tgt_export',
+                     'tgt_unexport', 'iscsi_discover'):
+            monkeypatch.setattr(priv_tgt, name, getattr(self, name))
         monkeypatch.setattr(sysfs, 'loop_backing_files',
                             lambda: dict(self.loops))
         return self
@@ -73,47 +83,109 @@ class FakeKernel:
     def tools(self):
         return [c[0] for c in self.calls]
 
-    # dmsetup
-    def dmsetup(self, args, stdin=None, timeout=120):
-        self.calls.append(('dmsetup',) + tuple(args))
-        command, name = args[0], args[-1]
-        if command == 'create':
-            name = args[1]
-            if name in self.dm:
-                return 1, '', 'device-mapper: create ioctl failed: ' \
-                              'Device or resource busy\n'
-            self.dm[name] = {'table': stdin.strip(), 'open': 0}
-            return 0, '', ''
-        if command == 'load':
-            name = args[1]
+    def _scope(self, scope):
+        assert scope == {'state_path': scope['state_path'],
+                         'device_prefix': scope['device_prefix'],
+                         'iqn_prefix': 'iqn.2010-10.org.openstack.thunder'}
+        self.scopes.append(scope)
+        return scope['device_prefix']
+
+    # device-mapper
+    def _create(self, scope, role, ident, table):
+        name = dmtables.device_name(self._scope(scope), role, ident) \
+            if role != 'snap' else dmtables.snapshot_name(
+                scope['device_prefix'], ident)
+        self.calls.append(('dmsetup', 'create', name))
+        if name in self.dm:
+            return 1, '', 'device-mapper: create ioctl failed: ' \
+                          'Device or resource busy\n'
+        self.dm[name] = {'table': table, 'open': 0}
+        return 0, '', ''
+
+    @staticmethod
+    def _mapper(scope, role, image_id):
+        return '/dev/mapper/' + dmtables.device_name(
+            scope['device_prefix'], role, image_id)
+
+    def create_source_map(self, scope, image_id, length, disks):
+        return self._create(scope, 'src', image_id, dmtables.multipath(
+            length, [sysfs.dev_numbers(d) for d in disks]))
+
+    def reload_source_map(self, scope, image_id, length, disks):
+        name = dmtables.device_name(self._scope(scope), 'src', image_id)
+        self.calls.append(('dmsetup', 'reload', name))
         if name not in self.dm:
             return NO_DEVICE
-        if command == 'info' and '-o' in args:
-            return 0, '%4d\n' % self.dm[name]['open'], ''
-        if command == 'info':
-            return 0, 'Name:              %s\nState:             ACTIVE\n' \
-                      % name, ''
-        if command == 'remove':
-            del self.dm[name]
-        if command == 'load':
-            self.dm[name]['table'] = stdin.strip()
+        self.dm[name]['table'] = dmtables.multipath(
+            length, [sysfs.dev_numbers(d) for d in disks])
         return 0, '', ''
 
-    # losetup
-    def losetup(self, args):
-        self.calls.append(('losetup',) + tuple(args))
-        if args[0] == '--detach':
-            self.loops.pop(args[1], None)
-            return 0, '', ''
+    def create_bcache_backing(self, scope, image_id, superblock, length):
+        return self._create(scope, 'bk', image_id, dmtables.bcache_backing(
+            superblock, self._mapper(scope, 'src', image_id), length))
+
+    def create_dm_cache(self, scope, image_id, length, metadata, cache,
+                        block_sectors, mode):
+        return self._create(scope, 'dmc', image_id, dmtables.cache(
+            length, metadata, cache, self._mapper(scope, 'src', image_id),
+            block_sectors, mode=mode))
+
+    def create_template_map(self, scope, image_id, length, cached):
+        return self._create(scope, 'tpl', image_id,
+                            dmtables.linear([(cached, 0, length)]))
+
+    def create_snapshot_map(self, scope, instance_id, image_id, length, cow,
+                            chunk_sectors):
+        return self._create(scope, 'snap', instance_id, dmtables.snapshot(
+            length, self._mapper(scope, 'tpl', image_id), cow,
+            chunk_sectors=chunk_sectors))
+
+    def dm_info(self, scope, name):
+        self._scope(scope)
+        self.calls.append(('dmsetup', 'info', name))
+        if name not in self.dm:
+            return NO_DEVICE
+        return 0, 'Name:              %s\nState:             ACTIVE\n' \
+            % name, ''
+
+    def dm_open_count(self, scope, name):
+        self.calls.append(('dmsetup', 'info', '-o', 'open', name))
+        if name not in self.dm:
+            return NO_DEVICE
+        return 0, '%4d\n' % self.dm[name]['open'], ''
+
+    def dm_status(self, scope, name):
+        self.calls.append(('dmsetup', 'status', name))
+        return (0, '', '') if name in self.dm else NO_DEVICE
+
+    def remove_dm_device(self, scope, name):
+        self._scope(scope)
+        self.calls.append(('dmsetup', 'remove', name))
+        if name not in self.dm:
+            return NO_DEVICE
+        del self.dm[name]
+        return 0, '', ''
+
+    # loop devices
+    def attach_loop(self, scope, path, read_only=False):
+        assert path.startswith(self._scope(scope) and scope['state_path'])
+        self.calls.append(('losetup', 'attach', path, read_only))
         device = '/dev/loop%d' % len(self.loops)
-        self.loops[device] = args[-1]
-        return 0, device + '\n', ''
+        self.loops[device] = path
+        return 0, device, ''
 
-    def make_bcache(self, args):
-        self.calls.append(('make-bcache',) + tuple(args))
+    def detach_loop(self, scope, device):
+        self._scope(scope)
+        self.calls.append(('losetup', '--detach', device))
+        self.loops.pop(device, None)
         return 0, '', ''
 
-    def write_sysfs(self, path, value):
+    def make_bcache(self, scope, image_id, cache_device, bucket_size):
+        self.calls.append(('make-bcache', image_id, cache_device,
+                           bucket_size))
+        return 0, '', ''
+
+    def write_sysfs(self, scope, path, value):
         self.calls.append(('sysfs', path, value))
         return 0, '', ''
 
@@ -126,64 +198,44 @@ class FakeKernel:
         return self.discovery.get(
             portal, (21, '', 'iscsiadm: No portals found\n'))
 
-    # tgtadm
-    def tgtadm(self, args):
-        self.calls.append(('tgtadm',) + tuple(args))
-        opts = dict(zip(args[::2], args[1::2]))
-        op, mode = opts['--op'], opts['--mode']
-        by_tid = {t['tid']: iqn for iqn, t in self.targets.items()}
-        if (op, mode) == ('show', 'sys'):
-            return 0, 'System:\n    State: ready\n', ''
-        if (op, mode) == ('show', 'target'):
-            return 0, self._show_targets(), ''
-        if (op, mode) == ('show', 'account'):
-            return 0, 'Account list:\n' + ''.join(
-                '    %s\n' % user for user in self.accounts), ''
-        if (op, mode) == ('new', 'target'):
-            self.targets[opts['--targetname']] = {
-                'tid': int(opts['--tid']), 'luns': {}, 'accounts': [],
-                'acls': []}
-        elif (op, mode) == ('new', 'logicalunit'):
-            target = self.targets[by_tid[int(opts['--tid'])]]
-            target['luns'][int(opts['--lun'])] = opts['--backing-store']
-        elif (op, mode) == ('new', 'account'):
-            self.accounts[opts['--user']] = opts['--password']
-        elif (op, mode) == ('bind', 'account'):
-            self.targets[by_tid[int(opts['--tid'])]]['accounts'].append(
-                opts['--user'])
-        elif (op, mode) == ('bind', 'target'):
-            self.targets[by_tid[int(opts['--tid'])]]['acls'].append(
-                opts['--initiator-address'])
-        elif (op, mode) == ('delete', 'target'):
-            del self.targets[by_tid[int(opts['--tid'])]]
-        elif (op, mode) == ('delete', 'account'):
-            del self.accounts[opts['--user']]
-        return 0, '', ''
+    # tgt
+    def tgt_check(self, control_port):
+        self.calls.append(('tgt', 'check', control_port))
+        return 0, 'System:\n    State: ready\n', ''
 
-    def _show_targets(self):
-        lines = []
-        for iqn, target in sorted(self.targets.items(),
-                                  key=lambda t: t[1]['tid']):
-            lines += ['Target %d: %s' % (target['tid'], iqn),
-                      '    System information:', '        Driver: iscsi',
-                      '        State: ready', '    I_T nexus information:']
-            for n, initiator in enumerate(self.sessions.get(iqn, ())):
-                lines += ['        I_T nexus: %d' % (n + 1),
-                          '            Initiator: %s alias: x'
-                          % initiator]
-            lines += ['    LUN information:', '        LUN: 0',
-                      '            Type: controller',
-                      '            Backing store path: None']
-            for lun, path in sorted(target['luns'].items()):
-                lines += ['        LUN: %d' % lun,
-                          '            Type: disk',
-                          '            Backing store path: %s' % path,
-                          '            Backing store flags: direct']
-            lines += ['    Account information:']
-            lines += ['        %s' % a for a in target['accounts']]
-            lines += ['    ACL information:']
-            lines += ['        %s' % a for a in target['acls']]
-        return '\n'.join(lines) + '\n'
+    def tgt_targets(self, scope, control_port):
+        self._scope(scope)
+        self.calls.append(('tgt', 'targets', control_port))
+        return 0, {iqn: dict(t, sessions=len(self.sessions.get(iqn, ())))
+                   for iqn, t in self.targets.items()}, ''
+
+    def tgt_export(self, scope, control_port, image_id, iqn, secret):
+        prefix = self._scope(scope)
+        self.calls.append(('tgt', 'export', iqn, image_id))
+        target = self.targets.get(iqn)
+        if target is None:
+            tid = max((t['tid'] for t in self.targets.values()),
+                      default=0) + 1
+            target = self.targets[iqn] = {'tid': tid, 'luns': {},
+                                          'accounts': [], 'acls': []}
+        target['luns'][1] = '/dev/mapper/' + dmtables.device_name(
+            prefix, 'tpl', image_id)
+        user = 'thunder-' + image_id
+        if user not in target['accounts']:
+            self.accounts[user] = secret
+            target['accounts'].append(user)
+        if not target['acls']:
+            target['acls'].append('ALL')
+        return 0, target['tid'], ''
+
+    def tgt_unexport(self, scope, control_port, image_id, iqn):
+        self._scope(scope)
+        self.calls.append(('tgt', 'unexport', iqn, image_id))
+        if self.sessions.get(iqn):
+            return 19, '', 'this target is still active'
+        self.targets.pop(iqn, None)
+        self.accounts.pop('thunder-' + image_id, None)
+        return 0, '', ''
 
 
 class FakeConnector:
@@ -287,8 +339,10 @@ def _template(sources=(), export=None):
 
 
 def _tdir(tmp_path, name='template'):
-    path = tmp_path / name
-    path.mkdir()
+    # Under [agent] state_path, as the manager's store lays them out: the
+    # helper attaches no file elsewhere.
+    path = tmp_path / 'state' / name
+    path.mkdir(parents=True)
     return str(path)
 
 
@@ -408,7 +462,7 @@ def test_start(conf, fake, key_file, caplog):
     driver = kernel.KernelDriver(conf)
     driver.start()
     assert driver._relay_key == key_file.read_bytes()
-    assert fake.tools() == ['modprobe', 'tgtadm']
+    assert fake.tools() == ['modprobe', 'tgt']
     # Without relay: no key, no address and no tgtd needed.
     conf.set_override('enabled', False, group='relay')
     conf.clear_override('relay_key_file', group='kernel')
@@ -438,7 +492,7 @@ def test_a_template_that_does_not_relay_gets_no_tgt_export(
     tpl = '/dev/mapper/thunder-%s-tpl' % IMAGE
     assert build == base.TemplateBuild(export=records.Export(
         'kernel', {'device_path': tpl}, relay=None))
-    assert 'tgtadm' not in fake.tools()
+    assert 'tgt' not in fake.tools()
     assert fake.targets == {}
     assert sorted(fake.dm) == ['thunder-%s-%s' % (IMAGE, r)
                                for r in ('src', 'tpl')]
@@ -458,7 +512,7 @@ def test_a_template_that_does_not_relay_gets_no_tgt_export(
     assert target.max_read == kernel.PREFETCH_READ == 256 * 1024
 
     driver.delete_template(template, tdir)
-    assert 'tgtadm' not in fake.tools()
+    assert 'tgt' not in fake.tools()
     assert fake.dm == {} and fake.loops == {}
     assert fake_devices.destroyed == 1
     assert driver.connector.logouts == [ORIGIN.data['target_iqn']]
@@ -610,8 +664,7 @@ def test_set_sources_moves_the_paths_and_returns_no_state(
     assert driver.set_sources(template, tdir, [parent]) is None
     assert template.sources == []
     assert fake.dm[src]['table'].endswith('1 8:16 1')
-    assert [c[1] for c in fake.calls if c[0] == 'dmsetup'][-3:] == [
-        'suspend', 'load', 'resume']
+    assert [c[1] for c in fake.calls if c[0] == 'dmsetup'][-1] == 'reload'
     assert driver.connector.logouts == [ORIGIN.data['target_iqn']]
     saved = json.load(open(os.path.join(tdir, kernel.LAYOUT_FILE)))
     assert [records.Source.from_dict(e['source'])
@@ -693,7 +746,7 @@ def test_teardown_of_a_half_built_template_tolerates_missing_pieces(
         ('dmsetup', 'remove', 'thunder-%s-bk' % IMAGE),
         ('dmsetup', 'remove', 'thunder-%s-src' % IMAGE)]
     # The export it may have had was looked for under the reserved name.
-    assert 'tgtadm' in fake.tools()
+    assert 'tgt' in fake.tools()
     assert driver.connector.logouts == []
 
 
@@ -722,6 +775,30 @@ def test_template_stats(conf, fake, fake_devices, tmp_path):
         bytes_fetched=0, bytes_served=0, cached_bytes=3 << 20,
         blocks_cached=48, block_size=65536, disk_bytes=4 << 20)
     assert driver.disk_usage(template, tdir) == 4 << 20
+
+
+def test_cache_capacity_is_the_layouts_files_at_full_size(
+        conf, fake, fake_devices, tmp_path):
+    driver = _driver(conf)
+    template = _template()
+    # Not created yet: the configured cache, 1 GiB floor, bcache's 1 MiB.
+    assert driver.cache_capacity(template, str(tmp_path / 'none')) == \
+        (1024 + 1) << 20
+    conf.set_override('cache_min_size_mb', 16, group='kernel')
+    assert driver.cache_capacity(template, str(tmp_path / 'none')) == \
+        (64 + 1) << 20
+    conf.set_override('cache_type', 'dm-cache', group='kernel')
+    # 1024 blocks of 64 KiB: 4 MiB + 16 KiB of metadata, in whole MiB.
+    assert driver.cache_capacity(template, str(tmp_path / 'none')) == \
+        (64 + 5) << 20
+    # A template keeps the cache type its layout records.
+    tdir = _tdir(tmp_path)
+    conf.set_override('cache_type', 'bcache', group='kernel')
+    driver = _driver(conf)
+    driver.create_template(template, tdir)
+    conf.set_override('cache_type', 'dm-cache', group='kernel')
+    assert kernel.KernelDriver(conf).cache_capacity(template, tdir) == \
+        (64 + 1) << 20
 
 
 # -- snapshots -------------------------------------------------------------
@@ -805,16 +882,13 @@ def test_a_failed_build_leaves_nothing_running(conf, fake, fake_devices,
     driver = _driver(conf)
     template = _template(export=_relaying(driver))
     tdir = _tdir(tmp_path)
-    real = fake.dmsetup
 
-    def no_template_device(args, stdin=None, timeout=120):
-        if args[0] == 'create' and args[1].endswith('-tpl'):
-            fake.calls.append(('dmsetup',) + tuple(args))
-            return 1, '', 'device-mapper: reload ioctl failed: ' \
-                          'Invalid argument\nCommand failed.\n'
-        return real(args, stdin, timeout)
+    def no_template_device(*args):
+        fake.calls.append(('dmsetup', 'create', 'tpl'))
+        return 1, '', 'device-mapper: reload ioctl failed: ' \
+                      'Invalid argument\nCommand failed.\n'
 
-    monkeypatch.setattr(priv, 'dmsetup', no_template_device)
+    monkeypatch.setattr(priv, 'create_template_map', no_template_device)
     with pytest.raises(exception.BackendError) as info:
         driver.create_template(template, tdir)
     assert 'Invalid argument' in str(info.value)
