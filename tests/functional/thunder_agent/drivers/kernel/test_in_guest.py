@@ -15,11 +15,11 @@ from thunder_lab.guest import harness as guest_harness
 
 pytestmark = [pytest.mark.functional, pytest.mark.guest, pytest.mark.slow]
 
-# The guest suite takes about 13 minutes on 2 idle cores, boot included
+# The guest suite takes 12 to 16 minutes on 2 cores, boot included
 # (under TCG, each of the three agents' and the coordinator's start-up
 # takes a minute and each prepare about 45 s); the rest leaves a
 # loaded host some margin.
-TIMEOUT = 1200
+TIMEOUT = 1500
 
 
 @pytest.mark.timeout(TIMEOUT + 300)
