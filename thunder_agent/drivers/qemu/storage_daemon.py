@@ -126,6 +126,18 @@ class Monitor:
         self._loop.close()
 
 
+def log_tail(path, size):
+    """The last *size* bytes of the log at *path*, for an error message
+    ('' when it cannot be read)."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors='replace').strip()
+    except OSError:
+        return ''
+
+
 class StorageDaemon:
     """A qemu-storage-daemon identified by *name* under *run_path*."""
 
@@ -224,13 +236,7 @@ class StorageDaemon:
                        % (self.name, self.log_tail()))
 
     def log_tail(self, size=1000):
-        try:
-            with open(self.log_path, 'rb') as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode(errors='replace').strip()
-        except OSError:
-            return ''
+        return log_tail(self.log_path, size)
 
     def stop(self, timeout=10):
         """Ask the daemon to quit; kill it if it does not."""

@@ -62,6 +62,7 @@ import time
 
 from oslo_log import log as logging
 
+from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent import exception
 
 LOG = logging.getLogger(__name__)
@@ -221,13 +222,7 @@ class Forwarder:
             time.sleep(0.02)
 
     def log_tail(self, size=500):
-        try:
-            with open(self.log_path, 'rb') as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode(errors='replace').strip()
-        except OSError:
-            return ''
+        return storage_daemon.log_tail(self.log_path, size)
 
     def _remove(self):
         with contextlib.suppress(FileNotFoundError):
