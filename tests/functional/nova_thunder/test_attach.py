@@ -203,18 +203,22 @@ class TestImageOrigin:
             image['path'], 'raw', image['id'],
             {'type': 'unix', 'path': socket},
             os.path.join(workdir, 'origin-run')).start()
-        self.addfinalizer(origin.stop)
-        flags(image_origin='nbd+unix:///{image_id}?socket=' + socket)
-        device = nova_bd.convert_volume(image_bdm(instance, image['id']))
-        device.attach(context, instance, None, RecordingVirtDriver())
-        info = device['connection_info']
-        assert reader.checksum(info) == (image['sha256'], image['size'])
-        assert templates(thunder)[image['id']]['origin'] == {
-            'driver_volume_type': 'nbd',
-            'data': {'socket': socket, 'export': image['id']}}
-        block_device.release_disks(instance, {'block_device_mapping': [
-            device]})
-        assert instance.uuid not in snapshots(thunder)
+        # Stopped here, not by a finalizer: those run after workdir (and
+        # the daemon's pid file in it) is gone, and the daemon would leak.
+        try:
+            flags(image_origin='nbd+unix:///{image_id}?socket=' + socket)
+            device = nova_bd.convert_volume(image_bdm(instance, image['id']))
+            device.attach(context, instance, None, RecordingVirtDriver())
+            info = device['connection_info']
+            assert reader.checksum(info) == (image['sha256'], image['size'])
+            assert templates(thunder)[image['id']]['origin'] == {
+                'driver_volume_type': 'nbd',
+                'data': {'socket': socket, 'export': image['id']}}
+            block_device.release_disks(instance, {'block_device_mapping': [
+                device]})
+            assert instance.uuid not in snapshots(thunder)
+        finally:
+            origin.stop()
 
     def test_hot_attach_goes_through_the_virt_driver(
             self, thunder, glance, image, instance, context, saved):
