@@ -3,11 +3,11 @@
 import os
 import shutil
 import socket
-import threading
 import uuid
 
 import pytest
 
+from tests import socket_server
 from thunder_agent import exception
 from thunder_lab.emulation import reader
 
@@ -122,7 +122,7 @@ def test_bad_inputs_are_refused_without_change(agent, image, origin,
     assert reader.checksum(conn)[0] == digest
 
 
-class Banner:
+class Banner(socket_server.AcceptLoop):
     """A TCP service that greets each client with a banner (an SSH server
     on the management network, say) and counts its clients."""
 
@@ -140,23 +140,17 @@ class Banner:
         self.path = path
         self.port = None if path else self.sock.getsockname()[1]
         self.accepted = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.serve_in_background()
 
-    def _serve(self):
-        while True:
+    def handle(self, conn):
+        self.accepted += 1
+        with conn:
             try:
-                conn, _ = self.sock.accept()
+                conn.sendall(self.GREETING)
+                conn.settimeout(5)
+                conn.recv(4096)
             except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                try:
-                    conn.sendall(self.GREETING)
-                    conn.settimeout(5)
-                    conn.recv(4096)
-                except OSError:
-                    pass
+                pass
 
     def close(self):
         self.sock.close()

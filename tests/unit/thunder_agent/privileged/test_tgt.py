@@ -11,10 +11,10 @@ import os
 import shutil
 import socket
 import struct
-import threading
 
 import pytest
 
+from tests import socket_server
 from thunder_agent import exception
 from thunder_agent import privileged
 from thunder_agent.privileged import tgt as priv
@@ -29,7 +29,7 @@ REFUSED = exception.PrivilegedOperationNotAllowed
 TPL = '/dev/mapper/tha-%s-tpl' % IMAGE
 
 
-class FakeTgtd:
+class FakeTgtd(socket_server.AcceptLoop):
     """tgtd's management side: targets, LUNs, accounts, ACLs."""
 
     def __init__(self, path):
@@ -41,30 +41,24 @@ class FakeTgtd:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.serve_in_background()
 
     def close(self):
         self.sock.close()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                header = self._recv(conn, priv.REQ.size)
-                fields = priv.REQ.unpack(header)
-                body = self._recv(conn, fields[3] - priv.REQ.size)
-                self.raw += header + body
-                mode, op, lld, _len, tid, _sid, lun = fields[:7]
-                params = body.rstrip(b'\0').decode()
-                self.requests.append((mode, op, lld.rstrip(b'\0').decode(),
-                                      tid, lun, params))
-                err, text = self._answer(mode, op, tid, lun, params)
-                data = text.encode() + b'\0' if text else b''
-                conn.sendall(struct.pack('=II', err, 8 + len(data)) + data)
+    def handle(self, conn):
+        with conn:
+            header = self._recv(conn, priv.REQ.size)
+            fields = priv.REQ.unpack(header)
+            body = self._recv(conn, fields[3] - priv.REQ.size)
+            self.raw += header + body
+            mode, op, lld, _len, tid, _sid, lun = fields[:7]
+            params = body.rstrip(b'\0').decode()
+            self.requests.append((mode, op, lld.rstrip(b'\0').decode(),
+                                  tid, lun, params))
+            err, text = self._answer(mode, op, tid, lun, params)
+            data = text.encode() + b'\0' if text else b''
+            conn.sendall(struct.pack('=II', err, 8 + len(data)) + data)
 
     @staticmethod
     def _recv(conn, size):

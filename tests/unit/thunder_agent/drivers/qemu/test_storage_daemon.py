@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from tests import socket_server
 from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent import exception
 
@@ -28,7 +29,7 @@ def run_path():
     shutil.rmtree(path, ignore_errors=True)
 
 
-class FakeQmp:
+class FakeQmp(socket_server.AcceptLoop):
     """*answers* maps a command to its reply (``{'return': ...}`` or
     ``{'error': ...}``); None leaves it unanswered. ``greet=False`` never
     sends the greeting (a stopped daemon's socket still accepts)."""
@@ -41,19 +42,13 @@ class FakeQmp:
         self.sock.bind(path)
         self.sock.listen()
         self.conns = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.serve_in_background()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            if self.greet:
-                threading.Thread(target=self._talk, args=(conn,),
-                                 daemon=True).start()
+    def handle(self, conn):
+        self.conns.append(conn)
+        if self.greet:
+            threading.Thread(target=self._talk, args=(conn,),
+                             daemon=True).start()
 
     @staticmethod
     def _messages(conn):

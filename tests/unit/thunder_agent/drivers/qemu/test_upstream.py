@@ -5,10 +5,10 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 
 import pytest
 
+from tests import socket_server
 from thunder_agent.drivers.qemu import upstream
 from thunder_agent import exception
 from thunder_agent import records
@@ -31,7 +31,7 @@ def run_path():
     shutil.rmtree(path, ignore_errors=True)
 
 
-class EchoServer:
+class EchoServer(socket_server.AcceptLoop):
     """Answers every connection with its *name* and closes it."""
 
     def __init__(self, name, family=socket.AF_INET,
@@ -40,17 +40,11 @@ class EchoServer:
         self.sock = socket.socket(family)
         self.sock.bind(address)
         self.sock.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.serve_in_background()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(self.name.encode())
+    def handle(self, conn):
+        with conn:
+            conn.sendall(self.name.encode())
 
     def close(self):
         # shutdown wakes the accept() of the serving thread.
@@ -181,7 +175,7 @@ def _free_tcp_port(host='127.0.0.1'):
         return s.getsockname()[1]
 
 
-class Greeter:
+class Greeter(socket_server.AcceptLoop):
     """A unix socket server that says hello on each connection and keeps
     it open until the test closes the server (an idle NBD client's
     connection, as far as a forwarder can tell). ``open_at_accept`` holds,
@@ -194,8 +188,7 @@ class Greeter:
         self.sock.listen(64)
         self.conns = []
         self.open_at_accept = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.serve_in_background()
 
     @staticmethod
     def _is_open(conn):
@@ -206,16 +199,11 @@ class Greeter:
         except OSError:
             return False
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.open_at_accept.append(
-                sum(self._is_open(c) for c in self.conns))
-            self.conns.append(conn)
-            conn.sendall(b'hello')
+    def handle(self, conn):
+        self.open_at_accept.append(
+            sum(self._is_open(c) for c in self.conns))
+        self.conns.append(conn)
+        conn.sendall(b'hello')
 
     def close(self):
         for conn in self.conns:
