@@ -414,11 +414,36 @@ kernel_opts = [
                     'during teardown.'),
 ]
 
+tls_group = cfg.OptGroup(
+    'tls', title='TLS and node identity',
+    help='Every TCP NBD link (origin to relay, relay to relay) is TLS with '
+         'X.509 certificates checked both ways, and every coordinator '
+         'message is signed with the node\'s key. The operator gives each '
+         'node a key and a certificate issued by the deployment\'s CA.')
+tls_opts = [
+    cfg.BoolOpt('enabled', default=True,
+                help='TLS on every TCP NBD link and signed coordinator '
+                     'messages. Turn it off only in a lab: without it any '
+                     'host that reaches a relay port reads the image, and '
+                     'any RabbitMQ client can re-shape the relay trees.'),
+    cfg.StrOpt('certificates_dir', default='/etc/thunder-agent/pki',
+               help='Directory with this node\'s credentials, in the '
+                    'layout QEMU and libnbd read: ca-cert.pem (the '
+                    'deployment CA), server-cert.pem and server-key.pem, '
+                    'client-cert.pem and client-key.pem (the same key and '
+                    'certificate may serve both roles: it must allow TLS '
+                    'server and client use). The certificate\'s common name '
+                    'is the node\'s [DEFAULT] host and its IP address '
+                    'subject alternative names are the addresses it relays '
+                    'from ([relay] listen_address, [kernel] '
+                    'export_address). Keys must be readable by root only.'),
+]
+
 _GROUPS = ((agent_group, agent_opts), (cache_group, cache_opts),
            (qemu_group, qemu_opts), (relay_group, relay_opts),
            (prefetch_group, prefetch_opts),
            (coordinator_group, coordinator_opts),
-           (kernel_group, kernel_opts))
+           (kernel_group, kernel_opts), (tls_group, tls_opts))
 
 
 def register_opts(conf):

@@ -215,3 +215,7 @@ class RecordNotSaved(ThunderException):
     """A record could not be written (a full disk, a read-only file
     system). The record on disk is the previous one, intact."""
     msg_fmt = "The record of %(kind)s %(name)s could not be saved: %(reason)s"
+
+
+class InvalidManifest(ThunderException):
+    msg_fmt = "Invalid digest manifest: %(reason)s"
