@@ -155,6 +155,51 @@ function create_nova_thunder_rabbit_users {
     done
 }
 
+# -- certificates -------------------------------------------------------------
+
+function _thunder_check_ip {
+    if ! python3 -c 'import ipaddress, sys; ipaddress.ip_address(sys.argv[1])' \
+            "$1" 2>/dev/null; then
+        die $LINENO "nova-thunder: '$1' is not an IP address (THUNDER_HOST_IP)"
+    fi
+}
+
+# A P-256 key and a certificate signed by the CA in THUNDER_CA_DIR (made
+# when missing), for THUNDER_HOST at THUNDER_HOST_IP, in THUNDER_PKI_DIR in
+# the layout QEMU and libnbd read ([tls] certificates_dir). openssl takes
+# the subject and extensions as arguments: no template file, no secret on a
+# command line (keys are written by openssl itself, 0600 under umask 077).
+function _thunder_openssl {
+    sudo bash -c 'umask 077; exec "$@"' openssl openssl "$@"
+}
+
+function create_nova_thunder_pki {
+    local ca=$THUNDER_CA_DIR pki=$THUNDER_PKI_DIR host=$THUNDER_HOST
+    if ! sudo test -f "$ca/ca-cert.pem"; then
+        sudo install -d -m 0700 "$ca"
+        _thunder_openssl req -x509 -newkey ec \
+            -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout "$ca/ca-key.pem" -out "$ca/ca-cert.pem" \
+            -subj /CN=thunder-ca -days 3650 \
+            -addext basicConstraints=critical,CA:TRUE \
+            -addext keyUsage=critical,keyCertSign,cRLSign
+    fi
+    sudo install -d -m 0700 "$pki"
+    _thunder_openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+        -nodes -keyout "$pki/server-key.pem" -out "$pki/server.csr" \
+        -subj "/CN=$host" \
+        -addext "subjectAltName=DNS:$host,IP:$THUNDER_HOST_IP" \
+        -addext keyUsage=critical,digitalSignature,keyEncipherment \
+        -addext extendedKeyUsage=serverAuth,clientAuth
+    _thunder_openssl x509 -req -in "$pki/server.csr" \
+        -CA "$ca/ca-cert.pem" -CAkey "$ca/ca-key.pem" -CAcreateserial \
+        -days 365 -copy_extensions copy -out "$pki/server-cert.pem"
+    sudo cp "$ca/ca-cert.pem" "$pki/ca-cert.pem"
+    sudo cp "$pki/server-cert.pem" "$pki/client-cert.pem"
+    sudo cp -p "$pki/server-key.pem" "$pki/client-key.pem"
+    sudo rm -f "$pki/server.csr"
+}
+
 # -- configuration ------------------------------------------------------------
 
 function configure_nova_thunder {
@@ -174,6 +219,12 @@ function configure_nova_thunder {
     iniset "$conf" agent run_path "$THUNDER_RUN_PATH"
     iniset "$conf" agent file_origin_dirs "$THUNDER_GLANCE_IMAGE_DIR"
     iniset "$conf" cache size_limit_mb "$THUNDER_CACHE_SIZE_MB"
+    iniset "$conf" tls enabled "$THUNDER_TLS"
+    if [[ "$THUNDER_TLS" == "True" ]]; then
+        _thunder_check_ip "$THUNDER_HOST_IP"
+        create_nova_thunder_pki
+        iniset "$conf" tls certificates_dir "$THUNDER_PKI_DIR"
+    fi
 
     if is_service_enabled thunder-coordinator; then
         conf=$THUNDER_COORDINATOR_CONF
@@ -182,6 +233,10 @@ function configure_nova_thunder {
         iniset "$conf" DEFAULT debug "$ENABLE_DEBUG_LOG_LEVEL"
         iniset "$conf" DEFAULT transport_url \
             "$(nova_thunder_transport_url thunder-coordinator)"
+        iniset "$conf" tls enabled "$THUNDER_TLS"
+        if [[ "$THUNDER_TLS" == "True" ]]; then
+            iniset "$conf" tls certificates_dir "$THUNDER_PKI_DIR"
+        fi
     fi
 
     # nova-compute side; the agent and nova-compute share [DEFAULT] host.
@@ -264,6 +319,7 @@ function cleanup_nova_thunder {
     for opt in "${NOVA_THUNDER_NOVA_OPTS[@]}"; do
         inidelete "$NOVA_CPU_CONF" thunder "$opt"
     done
+    # The CA stays: other nodes' certificates come from it.
     sudo rm -rf "$THUNDER_STATE_PATH" "$THUNDER_RUN_PATH" \
         "$NOVA_THUNDER_CONF_DIR"
 }

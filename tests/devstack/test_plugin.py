@@ -160,6 +160,37 @@ def test_settings_enable_the_services(tmp_path):
         tuple(line.split(SEP)[:-1]) for line in log.read_text().splitlines()]
 
 
+PKI = '/etc/nova-thunder/pki'
+CA_DIR = '/opt/stack/data/thunder-ca'
+
+
+def pki_calls(host=HOST, ip='127.0.0.1'):
+    """The certificate calls of post-config (the stubbed sudo says the CA
+    exists: the harness makes no CA)."""
+    openssl = ('sudo', 'bash', '-c', 'umask 077; exec "$@"', 'openssl',
+               'openssl')
+    return [
+        ('sudo', 'test', '-f', CA_DIR + '/ca-cert.pem'),
+        ('sudo', 'install', '-d', '-m', '0700', PKI),
+        openssl + ('req', '-new', '-newkey', 'ec', '-pkeyopt',
+                   'ec_paramgen_curve:P-256', '-nodes', '-keyout',
+                   PKI + '/server-key.pem', '-out', PKI + '/server.csr',
+                   '-subj', '/CN=' + host, '-addext',
+                   'subjectAltName=DNS:%s,IP:%s' % (host, ip), '-addext',
+                   'keyUsage=critical,digitalSignature,keyEncipherment',
+                   '-addext', 'extendedKeyUsage=serverAuth,clientAuth'),
+        openssl + ('x509', '-req', '-in', PKI + '/server.csr', '-CA',
+                   CA_DIR + '/ca-cert.pem', '-CAkey', CA_DIR + '/ca-key.pem',
+                   '-CAcreateserial', '-days', '365', '-copy_extensions',
+                   'copy', '-out', PKI + '/server-cert.pem'),
+        ('sudo', 'cp', CA_DIR + '/ca-cert.pem', PKI + '/ca-cert.pem'),
+        ('sudo', 'cp', PKI + '/server-cert.pem', PKI + '/client-cert.pem'),
+        ('sudo', 'cp', '-p', PKI + '/server-key.pem',
+         PKI + '/client-key.pem'),
+        ('sudo', 'rm', '-f', PKI + '/server.csr'),
+    ]
+
+
 def test_install(tmp_path):
     assert run_phase(tmp_path, 'stack', 'install') == [
         ('setup_develop', '/opt/stack/nova-thunder')]
@@ -186,11 +217,16 @@ def test_post_config(tmp_path):
         ('iniset', agent, 'agent', 'file_origin_dirs',
          '/opt/stack/data/glance/images'),
         ('iniset', agent, 'cache', 'size_limit_mb', '10240'),
+        ('iniset', agent, 'tls', 'enabled', 'True'),
+    ] + pki_calls() + [
+        ('iniset', agent, 'tls', 'certificates_dir', PKI),
         ('touch', coordinator),
         ('chmod', '0600', coordinator),
         ('iniset', coordinator, 'DEFAULT', 'debug', 'True'),
         ('iniset', coordinator, 'DEFAULT', 'transport_url',
          url('thunder-coordinator')),
+        ('iniset', coordinator, 'tls', 'enabled', 'True'),
+        ('iniset', coordinator, 'tls', 'certificates_dir', PKI),
         ('iniset', cpu, 'thunder', 'enabled', 'True'),
         ('iniset', cpu, 'thunder', 'backend', 'qemu'),
         ('iniset', cpu, 'thunder', 'volume_types', 'thunder'),
@@ -485,3 +521,74 @@ def test_disabled_plugin_does_nothing(tmp_path):
     for phase in (('stack', 'install'), ('stack', 'post-config'),
                   ('stack', 'extra'), ('unstack',), ('clean',)):
         assert run_phase(tmp_path, *phase, disable=True) == []
+
+
+def test_post_config_without_tls(tmp_path):
+    calls = run_phase(tmp_path, 'stack', 'post-config', THUNDER_TLS='False')
+    agent = '/etc/nova-thunder/thunder-agent.conf'
+    assert ('iniset', agent, 'tls', 'enabled', 'False') in calls
+    assert not any('openssl' in c for c in calls)
+    assert not any(c[2:4] == ('tls', 'certificates_dir') for c in calls
+                   if c[0] == 'iniset')
+
+
+def test_post_config_refuses_a_host_ip_that_is_not_an_address(tmp_path):
+    proc = run_phase(tmp_path, 'stack', 'post-config', check=False,
+                     THUNDER_HOST_IP='10.0.0.1,IP:10.0.0.2')
+    assert proc.returncode != 0
+    assert 'is not an IP address' in proc.stderr
+
+
+REAL_PKI = r'''
+set -o errexit -o pipefail
+function sudo { "$@"; }
+function die { shift; echo "$*" >&2; exit 1; }
+function trueorfalse { echo True; }
+function enable_service { :; }
+function is_service_enabled { return 1; }
+DATA_DIR=$1; NOVA_THUNDER_CONF_DIR=$2; THUNDER_HOST=$3; THUNDER_HOST_IP=$4
+source "$DEVSTACK/settings"
+source "$DEVSTACK/plugin.sh"
+create_nova_thunder_pki
+'''
+
+
+@pytest.mark.skipif(shutil.which('openssl') is None,
+                    reason='openssl is missing')
+def test_pki_is_made_with_openssl_from_one_ca(tmp_path):
+    """Two nodes stacked with the same THUNDER_CA_DIR: one CA, each node's
+    certificate names it and its address, keys are private."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    def stack(node, ip):
+        conf_dir = tmp_path / node
+        subprocess.run(['bash', '-c', REAL_PKI, 'pki', str(tmp_path),
+                        str(conf_dir), node, ip],
+                       env={'PATH': os.environ['PATH'],
+                            'DEVSTACK': DEVSTACK},
+                       check=True, capture_output=True, timeout=60)
+        return conf_dir / 'pki'
+
+    first = stack('compute-1', '192.0.2.1')
+    ca_cert = (tmp_path / 'thunder-ca' / 'ca-cert.pem').read_bytes()
+    second = stack('compute-2', '192.0.2.2')
+    assert (tmp_path / 'thunder-ca' / 'ca-cert.pem').read_bytes() == ca_cert
+    ca = x509.load_pem_x509_certificate(ca_cert)
+    for pki, node, ip in ((first, 'compute-1', '192.0.2.1'),
+                          (second, 'compute-2', '192.0.2.2')):
+        assert sorted(os.listdir(pki)) == [
+            'ca-cert.pem', 'client-cert.pem', 'client-key.pem',
+            'server-cert.pem', 'server-key.pem']
+        for key in ('server-key.pem', 'client-key.pem'):
+            assert os.stat(pki / key).st_mode & 0o077 == 0
+        cert = x509.load_pem_x509_certificate(
+            (pki / 'server-cert.pem').read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)[0].value == node
+        san = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == [
+            ip]
+        assert san.get_values_for_type(x509.DNSName) == [node]
