@@ -135,11 +135,12 @@ function create_nova_thunder_rabbit_users {
     e=$(_thunder_rabbit_re "$THUNDER_CONTROL_EXCHANGE")
     a=$(_thunder_rabbit_re "$THUNDER_AGENT_TOPIC")
     c=$(_thunder_rabbit_re "$THUNDER_COORDINATOR_TOPIC")
+    # The coordinators cast tree_changed to agents (topic $a.<host>).
     _thunder_rabbit_user thunder-coordinator \
         "^($e|$c|$c\\..+|${c}_fanout|${c}_fanout_$u)\$" \
-        "^(amq\\.default|$c|$c\\..+|${c}_fanout_$u)\$" \
+        "^($e|amq\\.default|$c|$c\\..+|${c}_fanout_$u)\$" \
         "^($e|$c|$c\\..+|${c}_fanout|${c}_fanout_$u)\$" \
-        '^$' "^$c(\\..+)?\$"
+        "^$a\\..+\$" "^$c(\\..+)?\$"
     local host h
     for host in ${THUNDER_RABBIT_HOSTS//,/ }; do
         _thunder_rabbit_check_host "$host"

@@ -24,6 +24,7 @@ from oslo_log import log as logging
 from thunder_agent.coordinator import rpc as coordinator_rpc
 from thunder_agent.coordinator import validation as coordinator_validation
 from thunder_agent import exception
+from thunder_agent import identity
 from thunder_agent import records
 from thunder_agent import rpc
 from thunder_agent import validation
@@ -37,6 +38,16 @@ class CoordinatorUnavailable(Exception):
     """No answer from the coordinator (timeout, no server, broker down)."""
 
 
+class CoordinatorRefused(CoordinatorUnavailable):
+    """The coordinator refused this node's signature (its log says why:
+    a certificate not of its CA or expired, a relay address not in the
+    certificate's IP SANs, a clock beyond [coordinator] signature_skew).
+
+    A kind of unavailability for the callers (the template reads from its
+    origin), but the coordinator is not marked down: it answers.
+    """
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """A template's place in its tree, from one coordinator answer."""
@@ -48,6 +59,9 @@ class Placement:
     # keeps reading from the parent it has.
     address: records.RelayAddress = None
     children: tuple = ()
+    # ((node id, host), ...) of the children the coordinator knows the
+    # relay host of: where they connect from (initiator ACLs).
+    child_hosts: tuple = ()
 
     @property
     def known(self):
@@ -73,10 +87,11 @@ def placement(answer, node):
                                             % MAX_CHILDREN)
     kids = tuple(sorted({coordinator_validation.node_id(c)
                          for c in children}))
+    hosts = _child_hosts(answer.get('child_hosts') or {}, kids)
     first = parents[0] if parents else None
     if not isinstance(first, dict) or 'node' not in first:
         # No parent, or the origin (given as its connection info).
-        return Placement(records.ORIGIN, None, kids)
+        return Placement(records.ORIGIN, None, kids, hosts)
     parent = coordinator_validation.node_id(first['node'])
     if parent == node:
         raise exception.InvalidInput(reason='coordinator names this node '
@@ -86,7 +101,27 @@ def placement(answer, node):
     if raw is not None:
         address = records.RelayAddress.from_dict(
             coordinator_validation.address(raw))
-    return Placement(parent, address, kids)
+    return Placement(parent, address, kids, hosts)
+
+
+def _child_hosts(value, kids):
+    """``((node, host), ...)`` of an answer's ``child_hosts``: only
+    children of the same answer, each host an IP literal or host name as
+    a relay address has it."""
+    if not isinstance(value, dict) or len(value) > MAX_CHILDREN:
+        raise exception.InvalidInput(reason='answer child_hosts is not a '
+                                            'dict of at most %d entries'
+                                            % MAX_CHILDREN)
+    pairs = []
+    for child, host in value.items():
+        child = coordinator_validation.node_id(child)
+        if child not in kids:
+            raise exception.InvalidInput(reason='answer child_hosts names '
+                                                '%r, not a child' % child)
+        host = coordinator_validation.address(
+            {'host': host, 'port': 1, 'export': ''})['host']
+        pairs.append((child, host))
+    return tuple(sorted(pairs))
 
 
 def shared_origin(origin):
@@ -97,13 +132,24 @@ def shared_origin(origin):
     return validation.describe_origin(origin.to_dict())
 
 
+def signer(conf):
+    """The :class:`identity.Signer` of this node's coordinator calls;
+    None, loudly, with ``[tls] enabled = False``."""
+    if not conf.tls.enabled:
+        LOG.warning('[tls] enabled is False: coordinator calls are not '
+                    'signed (a lab only; a coordinator with TLS refuses '
+                    'them)')
+        return None
+    return identity.Signer.from_dir(conf.tls.certificates_dir)
+
+
 class RelayMember:
     def __init__(self, conf, api=None, clock=time.monotonic):
         self.conf = conf
         self.node = conf.host
         self.api = api or coordinator_rpc.CoordinatorAPI(
             rpc.get_transport(conf), topic=conf.coordinator.topic,
-            timeout=conf.coordinator.rpc_timeout)
+            timeout=conf.coordinator.rpc_timeout, signer=signer(conf))
         self._clock = clock
         self._lock = threading.Lock()
         self._down_since = None
@@ -118,6 +164,14 @@ class RelayMember:
         try:
             answer = getattr(self.api, method)(*args, timeout=timeout,
                                                **kwargs)
+        except messaging.RemoteError as e:
+            # The coordinator answered: it is up, and says no.
+            if e.exc_type != coordinator_rpc.CallRefused.__name__:
+                raise
+            LOG.error('The coordinator refused this node\'s %s: check the '
+                      'certificate in [tls] certificates_dir (its CA, its '
+                      'validity, its IP SANs) and the clock', method)
+            raise CoordinatorRefused(method)
         except (messaging.MessagingTimeout,
                 messaging.MessageDeliveryFailure,
                 messaging.MessagingException) as e:
@@ -174,6 +228,15 @@ class RelayMember:
                 LOG.error('Ignoring the coordinator\'s answer for %s: %s',
                           image_id, e)
         return placements
+
+    def placement_of(self, image_id):
+        """This node's current :class:`Placement` in the tree of
+        *image_id* (what the coordinator casts ``tree_changed`` about);
+        NodeNotInTree when it has none."""
+        answer = self._call('get_placement',
+                            self.conf.coordinator.rpc_timeout, image_id,
+                            self.node)
+        return placement(answer, self.node)
 
     def report_failure(self, image_id, parent):
         answer = self._call('report_parent_failure',

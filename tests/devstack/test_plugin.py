@@ -296,9 +296,9 @@ def expected_users(host_re):
     return [
         ('thunder-coordinator',
          r'^(%s|%s|%s\..+|%s_fanout|%s_fanout_%s)$' % (E, C, C, C, C, U),
-         r'^(amq\.default|%s|%s\..+|%s_fanout_%s)$' % (C, C, C, U),
+         r'^(%s|amq\.default|%s|%s\..+|%s_fanout_%s)$' % (E, C, C, C, U),
          r'^(%s|%s|%s\..+|%s_fanout|%s_fanout_%s)$' % (E, C, C, C, C, U),
-         '^$', r'^%s(\..+)?$' % C),
+         r'^%s\..+$' % A, r'^%s(\..+)?$' % C),
     ] + [(user % h,) + tuple(perms) for h, hr in host_re for user, *perms in (
         ('thunder-agent.%s',
          r'^(%s|%s|%s\.%s|%s_fanout|%s_fanout_%s|reply_%s)$' % (
@@ -383,7 +383,8 @@ def test_permissions_confine_each_host(tmp_path):
     assert not can(agent_a, 'write', reply)
     assert can('thunder-nova.host-a', 'read', reply)
     assert not can('thunder-nova.host-a', 'write', 'amq.default')
-    assert not can('thunder-coordinator', 'write', 'openstack')
+    # The coordinators cast tree_changed to the agents.
+    assert can('thunder-coordinator', 'write', 'openstack')
     assert can(agent_a, 'write', 'amq.default')
     assert not can(agent_a, 'write', 'thunder-agent_fanout')
     # Routing keys on the control exchange: (write, read).
@@ -398,8 +399,11 @@ def test_permissions_confine_each_host(tmp_path):
     assert not re.search(topics[agent_a][1], 'thunder-agent.host.b')
     assert re.search(topics[agent_a][0], 'thunder-coordinator')
     assert not re.search(topics[agent_a][0], 'thunder-agent.host.b')
+    assert re.search(topics['thunder-coordinator'][0],
+                     'thunder-agent.host-a')
+    assert not re.search(topics['thunder-coordinator'][0], 'thunder-agent')
     assert not re.search(topics['thunder-coordinator'][0],
-                         'thunder-agent.host-a')
+                         'thunder-coordinator')
 
 
 def test_operator_guide_shows_the_plugin_commands(tmp_path):

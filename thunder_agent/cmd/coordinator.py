@@ -14,6 +14,7 @@ from thunder_agent import conf as agent_conf  # noqa: E402
 from thunder_agent.coordinator import policies  # noqa: E402
 from thunder_agent.coordinator import service as coord_service  # noqa: E402
 from thunder_agent import exception  # noqa: E402
+from thunder_agent import identity  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
@@ -34,6 +35,13 @@ def main(argv=None):
     except exception.ThunderException as e:
         LOG.error('%s', e)
         return 1
+    if conf.tls.enabled:
+        try:
+            identity.Verifier.from_file(coord_service.ca_file(conf))
+        except (OSError, ValueError) as e:
+            LOG.error('Cannot read the CA of signed calls ([coordinator] '
+                      'ca_file): %s', e)
+            return 1
     if group.node_timeout < 2 * group.heartbeat_interval:
         LOG.warning('[coordinator] node_timeout (%ss) is less than two '
                     'heartbeat intervals (%ss): nodes may be dropped while '

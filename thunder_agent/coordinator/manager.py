@@ -60,7 +60,8 @@ class Member:
 
 
 class ImageTree(base.TreeView):
-    def __init__(self, image_id, origin, clock, quarantine=None):
+    def __init__(self, image_id, origin, clock, quarantine=None,
+                 memberships=None, changes=None):
         self.image_id = image_id
         self.origin = origin
         self.members = {}
@@ -70,15 +71,30 @@ class ImageTree(base.TreeView):
         self._children = collections.defaultdict(set)
         self._order = itertools.count()
         self._clock = clock
+        # node -> image ids of the trees it confirmed itself in (a
+        # placeholder a child named does not count against its quotas);
+        # owned by the manager.
+        self._memberships = (collections.defaultdict(set)
+                             if memberships is None else memberships)
+        # (node, image id) of nodes that got a new child since the manager
+        # last looked; owned by the manager.
+        self._changes = set() if changes is None else changes
 
     # -- changes (manager only) --
 
     def add(self, node, now, **kwargs):
         member = Member(node, next(self._order), now, **kwargs)
         self.members[node] = member
+        if member.confirmed:
+            self._memberships[node].add(self.image_id)
         for parent in member.parents:
             self._children[parent].add(node)
+            self._changes.add((parent, self.image_id))
         return member
+
+    def confirm(self, member):
+        member.confirmed = True
+        self._memberships[member.node].add(self.image_id)
 
     def set_parents(self, node, parents):
         member = self.members[node]
@@ -86,11 +102,18 @@ class ImageTree(base.TreeView):
             self._children[parent].discard(node)
         member.parents = list(parents)
         for parent in member.parents:
-            self._children[parent].add(node)
+            if node not in self._children[parent]:
+                self._children[parent].add(node)
+                self._changes.add((parent, self.image_id))
 
     def detach(self, node):
         """Remove *node*; its children keep naming it until re-parented."""
         member = self.members.pop(node)
+        images = self._memberships.get(node)
+        if images is not None:
+            images.discard(self.image_id)
+            if not images:
+                del self._memberships[node]
         for parent in member.parents:
             self._children[parent].discard(node)
         return member
@@ -156,13 +179,38 @@ class ImageTree(base.TreeView):
 
 
 class CoordinatorManager:
+    """The trees, and the rules above.
+
+    Quotas bound what one node can make the coordinator hold: a node is
+    in at most *max_trees_per_node* trees, a heartbeat is taken for at
+    most *max_templates_per_heartbeat* templates, and there are at most
+    *max_trees* trees. What is beyond a quota is refused (and logged)
+    alone: the rest of the heartbeat is taken, and the trees a node is
+    already in always count first, so a full node keeps its places.
+
+    *notify*, if given, is called outside the lock with ``[(node,
+    image_id)]`` of the nodes that got new children (a join, a
+    re-parenting, an adoption): the service tells their agents.
+    """
+
     def __init__(self, policy, heartbeat_interval=10, node_timeout=35,
-                 failure_quarantine=30, clock=time.monotonic):
+                 failure_quarantine=30, clock=time.monotonic,
+                 max_trees_per_node=256, max_templates_per_heartbeat=1024,
+                 max_trees=10000, notify=None):
         self.policy = policy
         self.heartbeat_interval = heartbeat_interval
         self.node_timeout = node_timeout
         self.failure_quarantine = failure_quarantine
+        self.max_trees_per_node = max_trees_per_node
+        self.max_templates_per_heartbeat = max_templates_per_heartbeat
+        self.max_trees = max_trees
+        self.notify = notify
         self._clock = clock
+        self._memberships = collections.defaultdict(set)
+        self._changes = set()
+        # (image_id, reporter, parent) -> end of the window in which that
+        # reporter's next report about that parent is not counted.
+        self._reports = {}
         self._trees = {}
         self._last_seen = {}
         self._last_expiry = None
@@ -178,7 +226,11 @@ class CoordinatorManager:
                                  group.origin_fan_out),
                    heartbeat_interval=group.heartbeat_interval,
                    node_timeout=group.node_timeout,
-                   failure_quarantine=group.failure_quarantine, clock=clock)
+                   failure_quarantine=group.failure_quarantine, clock=clock,
+                   max_trees_per_node=group.max_trees_per_node,
+                   max_templates_per_heartbeat=(
+                       group.max_templates_per_heartbeat),
+                   max_trees=group.max_trees)
 
     # -- RPC operations --
 
@@ -196,6 +248,11 @@ class CoordinatorManager:
             now = self._clock()
             self._last_seen[node] = now
             self._maybe_expire(now)
+            refusal = self._over_quota(image_id, node)
+            if refusal:
+                LOG.warning('Refused join of %s to the tree of %s: %s',
+                            node, image_id, refusal)
+                raise exception.InvalidInput(reason=refusal)
             tree = self._tree(image_id, origin)
             member = tree.members.get(node)
             if member is None:
@@ -210,12 +267,15 @@ class CoordinatorManager:
                 member.origin = origin
                 member.leaving = False
                 self._leaving.discard((image_id, node))
-                member.confirmed = True
+                tree.confirm(member)
                 member.joined_at = now
                 if not member.parents:
                     self._replace_parents(tree, member, [], [])
                 member.reported = list(member.parents)
-            return self._answer(tree, member)
+            answer = self._answer(tree, member)
+            changed = self._take_changes()
+        self._notify(changed)
+        return answer
 
     def heartbeat(self, node, templates):
         """Record what *node* holds; return ``{image_id: answer}``.
@@ -230,7 +290,8 @@ class CoordinatorManager:
             self._last_seen[node] = now
             self._maybe_expire(now)
             answers = {}
-            for image_id, entry in entries.items():
+            for image_id, entry in self._within_quotas(node,
+                                                       entries).items():
                 tree = self._tree(image_id, entry['origin'])
                 member = tree.members.get(node)
                 if member is None or not member.confirmed:
@@ -251,7 +312,9 @@ class CoordinatorManager:
                     LOG.info('Node %s no longer holds %s', node, image_id)
                     self._remove(tree, node, now)
             self._finish_leaving(now)
-            return answers
+            changed = self._take_changes()
+        self._notify(changed)
+        return answers
 
     def leave(self, image_id, node):
         """Take *node* out of the tree of *image_id*.
@@ -273,15 +336,20 @@ class CoordinatorManager:
             if not pending:
                 self._remove(tree, node, now)
                 LOG.info('Node %s left the tree of %s', node, image_id)
-            return {'pending_children': pending}
+            changed = self._take_changes()
+        self._notify(changed)
+        return {'pending_children': pending}
 
     def report_parent_failure(self, image_id, node, parent):
         """*node* cannot read from *parent*: return its new parents.
 
         The parent is taken out of the tree (all its children move) and gets
         no children for ``failure_quarantine`` seconds; if it is alive, its
-        next heartbeat brings it back. A report about a parent the node no
-        longer has, or about the origin, changes nothing.
+        next heartbeat brings it back. A report counts only from a current
+        child of that parent in that tree, and one per (reporter, parent)
+        per ``failure_quarantine`` (at least one heartbeat interval): a
+        report about a parent the node does not have, about the origin, or
+        repeated within that window changes nothing.
         """
         image_id = v.image_id(image_id)
         node = v.node_id(node)
@@ -289,10 +357,30 @@ class CoordinatorManager:
         with self._lock:
             now = self._clock()
             tree, member = self._member(image_id, node)
-            if parent != ORIGIN and parent in member.parents:
+            key = (image_id, node, parent)
+            if parent == ORIGIN or parent not in member.parents:
+                LOG.warning('Ignored report of %s about %s in the tree of '
+                            '%s: not its parent', node, parent, image_id)
+            elif self._reports.get(key, 0) > now:
+                LOG.warning('Ignored report of %s about %s in the tree of '
+                            '%s: it reported it less than %s s ago', node,
+                            parent, image_id, self._report_window())
+            else:
                 LOG.warning('Node %s reports parent %s of %s failed',
                             node, parent, image_id)
+                self._reports[key] = now + self._report_window()
                 self._remove(tree, parent, now, failed=True)
+            answer = self._answer(tree, member)
+            changed = self._take_changes()
+        self._notify(changed)
+        return answer
+
+    def get_placement(self, image_id, node):
+        """The answer a join of *node* would get, changing nothing."""
+        image_id = v.image_id(image_id)
+        node = v.node_id(node)
+        with self._lock:
+            tree, member = self._member(image_id, node)
             return self._answer(tree, member)
 
     def get_tree(self, image_id):
@@ -313,6 +401,73 @@ class CoordinatorManager:
         """Drop nodes whose heartbeats stopped (called periodically)."""
         with self._lock:
             self._expire(self._clock())
+            changed = self._take_changes()
+        self._notify(changed)
+
+    # -- quotas and notifications --
+
+    def _report_window(self):
+        return max(self.failure_quarantine, self.heartbeat_interval)
+
+    def _over_quota(self, image_id, node):
+        """Why *node* may not enter the tree of *image_id*, or None."""
+        mine = self._memberships.get(node, ())
+        if image_id in mine:
+            return None
+        if len(mine) >= self.max_trees_per_node:
+            return ('node %s is in %d trees already (max_trees_per_node)'
+                    % (node, len(mine)))
+        if image_id not in self._trees and len(self._trees) >= self.max_trees:
+            return 'there are %d trees already (max_trees)' % len(
+                self._trees)
+        return None
+
+    def _within_quotas(self, node, entries):
+        """The heartbeat *entries* within the quotas: the node's trees
+        first (so that it keeps them), then the others in order."""
+        mine = self._memberships.get(node, ())
+        ordered = sorted(entries, key=lambda image: image not in mine)
+        taken = {}
+        refused = []
+        for image_id in ordered:
+            if len(taken) >= self.max_templates_per_heartbeat:
+                refused.append((image_id, 'more than %d templates in one '
+                                'heartbeat (max_templates_per_heartbeat)'
+                                % self.max_templates_per_heartbeat))
+                continue
+            # The quotas change as trees are entered: ask each time.
+            refusal = self._over_quota(image_id, node)
+            if refusal:
+                refused.append((image_id, refusal))
+                continue
+            taken[image_id] = entries[image_id]
+            if image_id not in self._trees:
+                # Reserve its place in the count until it is made.
+                self._tree(image_id, entries[image_id]['origin'])
+            self._memberships[node].add(image_id)
+        if refused:
+            LOG.warning('Heartbeat of %s: %d templates refused (first: %s: '
+                        '%s)', node, len(refused), refused[0][0],
+                        refused[0][1])
+        return taken
+
+    def _take_changes(self):
+        changed = []
+        for node, image_id in sorted(self._changes):
+            tree = self._trees.get(image_id)
+            # A node that left since is nobody's parent any more.
+            if node != ORIGIN and tree is not None and node in tree.members:
+                changed.append((node, image_id))
+        self._changes.clear()
+        return changed
+
+    def _notify(self, changed):
+        if changed and self.notify is not None:
+            try:
+                self.notify(changed)
+            except Exception:
+                # A hint only: the agents learn it at their next heartbeat.
+                LOG.exception('Could not tell nodes of their new children')
 
     # -- internals (lock held) --
 
@@ -320,7 +475,8 @@ class CoordinatorManager:
         tree = self._trees.get(image_id)
         if tree is None:
             tree = self._trees[image_id] = ImageTree(
-                image_id, origin, self._clock, self._quarantine[image_id])
+                image_id, origin, self._clock, self._quarantine[image_id],
+                self._memberships, self._changes)
         return tree
 
     def _member(self, image_id, node):
@@ -359,7 +515,7 @@ class CoordinatorManager:
             if not parents:
                 self._replace_parents(tree, member, [], [])
         else:
-            member.confirmed = True
+            tree.confirm(member)
             member.joined_at = now
             member.address = entry['address']
             if parents:
@@ -452,6 +608,9 @@ class CoordinatorManager:
                 self._remove(tree, member.node, now)
         for node in dead:
             del self._last_seen[node]
+        for key, until in list(self._reports.items()):
+            if until <= now:
+                del self._reports[key]
         for image_id, quarantine in list(self._quarantine.items()):
             for node, until in list(quarantine.items()):
                 if until <= now:
@@ -469,8 +628,14 @@ class CoordinatorManager:
                                 'address': tree.members[parent].address})
         # The node's own neighbourhood only: no agent ever needs a whole
         # tree, and this costs O(children), whatever the tree's size.
+        children = tree.children(member.node)
+        # Where the children connect from (the kernel backend's initiator
+        # ACL); a child not heard from since a restart has no address yet.
+        child_hosts = {child: tree.members[child].address['host']
+                       for child in children
+                       if tree.members[child].address is not None}
         return {'parents': parents, 'depth': tree.depth(member.node),
-                'children': tree.children(member.node)}
+                'children': children, 'child_hosts': child_hosts}
 
     def _describe(self, tree):
         now = self._clock()

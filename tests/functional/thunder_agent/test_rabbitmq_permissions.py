@@ -30,11 +30,13 @@ from oslo_messaging._drivers import common as rpc_common
 import pytest
 
 from thunder_agent.coordinator import rpc as coordinator_rpc
+from thunder_agent import identity
 from thunder_agent import rpc
 from thunder_agent.rpc import api
 from thunder_agent.rpc import server as agent_server
 from thunder_lab.emulation import agent as agent_mod
 from thunder_lab.emulation import coordinator as coordinator_mod
+from thunder_lab import pki
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -138,8 +140,9 @@ def agents(users):
 
 
 class _Coordinator(coordinator_mod.CoordinatorProcess):
-    """The coordinator's user may not publish on the control exchange:
-    it is pinged with an agent's credentials."""
+    """The coordinator's user publishes on the control exchange to the
+    agents only: it is pinged with an agent's credentials (and signs with
+    the coordinator's certificate)."""
 
     def __init__(self, ping_url, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -150,16 +153,34 @@ class _Coordinator(coordinator_mod.CoordinatorProcess):
         if self._client is None:
             self._transport = rpc.get_transport(cfg.CONF, self.ping_url)
             self._client = coordinator_rpc.CoordinatorAPI(
-                self._transport, timeout=60)
+                self._transport, timeout=60, signer=self.signer())
         return self._client
 
 
 @pytest.fixture(scope='module')
-def coordinator(users, tmp_path_factory):
+def credentials(tmp_path_factory):
+    """[tls] certificates_dir of the coordinator and of each host (the
+    host's relay address in its IP SANs)."""
+    tmp = tmp_path_factory.mktemp('pki')
+    ca = pki.CA.create(str(tmp / 'ca'))
+    dirs = {'coordinator-1': ca.issue('coordinator-1',
+                                      str(tmp / 'coordinator-1'))}
+    for i, host in enumerate(HOSTS):
+        dirs[host] = ca.issue(host, str(tmp / host),
+                              ips=['192.0.2.%d' % (i + 1)])
+    return dirs
+
+
+@pytest.fixture(scope='module')
+def coordinator(users, credentials, tmp_path_factory):
     proc = _Coordinator(users['thunder-agent.host-a'],
                         users['thunder-coordinator'],
                         str(tmp_path_factory.mktemp('coordinator')),
-                        host='coordinator-1')
+                        host='coordinator-1',
+                        options={'tls': {
+                            'enabled': 'true',
+                            'certificates_dir':
+                                credentials['coordinator-1']}})
     proc.start(90)
     yield proc
     proc.stop()
@@ -284,7 +305,8 @@ def test_only_the_coordinator_user_serves_the_coordinator_topic(
         coordinator, transports, probe):
     # The real coordinator serves with its user; an agent calls it.
     client = coordinator_rpc.CoordinatorAPI(
-        transports('thunder-agent.host-b'), timeout=30)
+        transports('thunder-agent.host-b'), timeout=30,
+        signer=coordinator.signer())
     assert client.list_trees() == {}
     # Nobody else serves or consumes the coordinator's topic.
     for user in ('thunder-agent.host-a', 'thunder-nova.host-a'):
@@ -301,6 +323,46 @@ def test_only_the_coordinator_user_serves_the_coordinator_topic(
     text = refusal(client.list_trees)
     assert ("Basic.publish: (403) ACCESS_REFUSED - access to topic "
             "'thunder-coordinator' in exchange 'openstack'") in text
+    assert coordinator.proc.poll() is None
+
+
+def test_the_coordinator_tells_an_agent_of_its_new_children(
+        coordinator, credentials, transports, probe):
+    """The tree_changed cast goes out under the coordinator's user, to
+    the routing key of the node that got a child, and nowhere else."""
+    image = str(uuid.uuid4())
+    origin = {'driver_volume_type': 'nbd',
+              'data': {'host': '198.18.0.1', 'port': 10809,
+                       'export': image}}
+    # Copies of what reaches each agent's routing key, in queues of the
+    # agent's own (names its permissions allow).
+    queues = {}
+    for host in HOSTS:
+        channel = probe('thunder-agent.' + host).channel()
+        name = 'thunder-agent_fanout_%s' % uuid.uuid4().hex
+        channel.queue_declare(name, auto_delete=True)
+        channel.queue_bind(name, 'openstack', 'thunder-agent.' + host)
+        queues[host] = (channel, name)
+    for i, host in enumerate(HOSTS):
+        client = coordinator_rpc.CoordinatorAPI(
+            transports('thunder-agent.' + host), timeout=30,
+            signer=identity.Signer.from_dir(credentials[host]))
+        client.join(image, host, {'host': '192.0.2.%d' % (i + 1),
+                                  'port': 10809, 'export': image}, origin)
+    # host-a is the origin's child, host-b host-a's (origin fan-out 1).
+    deadline = time.monotonic() + 10
+    channel, name = queues['host-a']
+    message = None
+    while message is None and time.monotonic() < deadline:
+        message = channel.basic_get(name, no_ack=True)
+        time.sleep(0.05)
+    assert message is not None, 'no tree_changed for host-a'
+    body = json.loads(json.loads(message.body)['oslo.message'])
+    assert body['method'] == 'tree_changed'
+    assert body['args'] == {'image_id': image}
+    time.sleep(0.5)
+    channel, name = queues['host-b']
+    assert channel.basic_get(name, no_ack=True) is None
     assert coordinator.proc.poll() is None
 
 

@@ -3,13 +3,16 @@
 import uuid
 
 from oslo_config import cfg
+import oslo_messaging as messaging
 import pytest
 
 from tests.unit.thunder_agent import fakes
 from thunder_agent import conf as agent_conf
 from thunder_agent import exception
+from thunder_agent import identity
 from thunder_agent import records
 from thunder_agent import relay
+from thunder_lab import pki
 
 IMAGE = str(uuid.uuid4())
 ADDRESS = records.RelayAddress('192.0.2.10', 10810, IMAGE)
@@ -56,6 +59,11 @@ def test_placement_of_the_origin_and_of_an_unknown_address():
         'host': '192.0.2.2', 'port': 1, 'export': IMAGE, 'x': 1}}]},
     {'children': ['node-b'] * 2000},
     {'children': ['../../etc']},
+    {'children': ['node-b'], 'child_hosts': ['192.0.2.2']},
+    {'children': ['node-b'], 'child_hosts': {'node-c': '192.0.2.2'}},
+    {'children': ['node-b'], 'child_hosts': {'node-b': '192.0.2.2/0'}},
+    {'children': ['node-b'], 'child_hosts': {'node-b': 'fe80::1%eth0'}},
+    {'children': ['node-b'], 'child_hosts': {'node-b': None}},
 ])
 def test_hostile_answers_are_refused(answer):
     with pytest.raises(exception.InvalidInput):
@@ -125,3 +133,49 @@ def test_the_origin_secret_never_goes_to_the_coordinator(member):
         assert value['data']['auth_password'] == '***'
     # The record keeps its secret: the agent logs in with it.
     assert origin.data['auth_password'] == secret
+
+
+def test_placement_carries_the_childrens_hosts():
+    p = relay.placement({'parents': [fakes.ORIGIN],
+                         'children': ['node-c', 'node-b'],
+                         'child_hosts': {'node-c': '192.0.2.3',
+                                         'node-b': '2001:db8:0::2'}},
+                        'node-a')
+    assert p.children == ('node-b', 'node-c')
+    assert p.child_hosts == (('node-b', '2001:db8::2'),
+                             ('node-c', '192.0.2.3'))
+    # A 1.1 coordinator sends none.
+    assert relay.placement({'parents': []}, 'node-a').child_hosts == ()
+
+
+def test_placement_of_asks_the_coordinator(member):
+    member.api.parents[IMAGE] = ('node-b', {'host': '192.0.2.20',
+                                            'port': 10811, 'export': IMAGE})
+    p = member.placement_of(IMAGE)
+    assert p.parent == 'node-b' and p.address.host == '192.0.2.20'
+    assert member.api.log[-1] == ('get_placement', IMAGE, 'node-a')
+
+
+def test_a_refusal_is_not_an_outage(member):
+    def join(image_id, node, address, origin, timeout=None):
+        raise messaging.RemoteError('CallRefused',
+                                    'The coordinator refused the call.')
+    member.api.join = join
+    with pytest.raises(relay.CoordinatorRefused):
+        member.join(IMAGE, ADDRESS, ORIGIN)
+    assert not member.coordinator_down
+
+
+def test_calls_are_signed_with_the_nodes_key_unless_tls_is_off(tmp_path):
+    conf = agent_conf.register_opts(cfg.ConfigOpts())
+    conf([])
+    conf.set_override('enabled', False, 'tls')
+    assert relay.signer(conf) is None
+    ca = pki.CA.create(str(tmp_path / 'ca'))
+    path = ca.issue('node-a', str(tmp_path / 'node-a'), ips=['192.0.2.10'])
+    conf.set_override('enabled', True, 'tls')
+    conf.set_override('certificates_dir', path, 'tls')
+    envelope = relay.signer(conf).sign('leave', {'node': 'node-a'})
+    caller = identity.Verifier.from_file(ca.cert).verify(
+        'leave', {'node': 'node-a'}, envelope)
+    assert caller.node == 'node-a' and caller.owns('192.0.2.10')

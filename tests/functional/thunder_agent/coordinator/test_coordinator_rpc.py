@@ -47,9 +47,12 @@ def coordinator(rabbit, tmp_path_factory):
     process = coordinator_mod.CoordinatorProcess(
         rabbit.transport_url, str(tmp_path_factory.mktemp('coordinator')),
         topic='coordinator-%s' % uuid.uuid4().hex[:8],
+        # Unsigned calls, host names as relay hosts: the tree logic only
+        # (test_coordinator_identity.py runs it with TLS).
         options={'coordinator': {'fan_out': 2, 'origin_fan_out': 2,
                                  'heartbeat_interval': 1,
-                                 'node_timeout': 3}})
+                                 'node_timeout': 3},
+                 'tls': {'enabled': 'false'}})
     yield process.start()
     process.stop()
 
@@ -144,4 +147,16 @@ def test_unknown_policy_fails_at_start(tmp_path):
         timeout=60)
     assert result.returncode == 1
     assert "Unknown tree policy 'no-such-policy'; installed: kary" in (
+        result.stdout + result.stderr)
+
+
+def test_an_unreadable_ca_fails_at_start(tmp_path):
+    conf = tmp_path / 'no-ca.conf'
+    conf.write_text('[tls]\ncertificates_dir = %s\n' % (tmp_path / 'none'))
+    result = subprocess.run(
+        [sys.executable, '-m', 'thunder_agent.cmd.coordinator',
+         '--config-file', str(conf)], capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 1
+    assert 'Cannot read the CA of signed calls' in (
         result.stdout + result.stderr)

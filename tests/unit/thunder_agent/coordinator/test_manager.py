@@ -41,12 +41,12 @@ def heartbeat_all(mgr, exclude=()):
 def test_join_answers_parents_with_addresses_and_depth(mgr):
     first = fx.join(mgr, 'h1')
     assert first == {'parents': [fx.ORIGIN_INFO], 'depth': 1,
-                     'children': []}
+                     'children': [], 'child_hosts': {}}
     fx.join(mgr, 'h2')
     third = fx.join(mgr, 'h3')
     assert third == {'parents': [{'node': 'h1',
                                   'address': fx.address('h1')}],
-                     'depth': 2, 'children': []}
+                     'depth': 2, 'children': [], 'child_hosts': {}}
 
 
 def test_answers_carry_the_nodes_own_children_only(mgr):
@@ -168,7 +168,8 @@ def test_heartbeat_returns_current_parents_and_records_state(mgr):
         fx.entry('h5', ['h2'], state='ready'), stats={'bytes_served': 42})})
     assert answer == {fx.IMAGE: {'parents': [{'node': 'h2',
                                               'address': fx.address('h2')}],
-                                 'depth': 2, 'children': []}}
+                                 'depth': 2, 'children': [],
+                                 'child_hosts': {}}}
     node = mgr.get_tree(fx.IMAGE)['nodes']['h5']
     assert node['state'] == 'ready'
     assert node['stats'] == {'bytes_served': 42}
@@ -301,7 +302,7 @@ def test_failed_parent_children_go_to_grandparent_then_sibling(mgr):
     assert shape['h3'] == ['origin'] and shape['h4'] == ['h3']
     assert answer == {'parents': [{'node': 'h3',
                                    'address': fx.address('h3')}],
-                      'depth': 2, 'children': []}
+                      'depth': 2, 'children': [], 'child_hosts': {}}
 
 
 def test_failed_parent_is_quarantined(mgr, clock):
@@ -435,7 +436,8 @@ def test_parent_that_never_reports_after_restart_is_replaced(clock):
     answer = mgr.heartbeat('c', {fx.IMAGE: fx.entry('c', ['b'])})
     # b is held as a placeholder: c keeps it for now.
     assert answer[fx.IMAGE] == {'parents': [{'node': 'b', 'address': None}],
-                                'depth': None, 'children': []}
+                                'depth': None, 'children': [],
+                                'child_hosts': {}}
     assert not mgr.get_tree(fx.IMAGE)['nodes']['b']['confirmed']
     # A placeholder takes no children.
     assert fx.parent_ids(fx.join(mgr, 'd')) == ['origin']
@@ -490,3 +492,112 @@ def test_adoption_ignores_a_leaving_parent(mgr):
     assert 'h2' not in fx.parent_ids(answer[fx.IMAGE])
     # h9 still reads from h2 until it switches: h2 waits for it.
     assert 'h9' in mgr.leave(fx.IMAGE, 'h2')['pending_children']
+
+
+# -- failure reports, quotas, notifications -----------------------------
+
+def test_a_report_from_a_non_child_evicts_nobody(mgr):
+    six(mgr)
+    before = fx.shape(mgr)
+    # h5 is h2's child, not h1's; h1 is nobody's child in the tree of h3.
+    mgr.report_parent_failure(fx.IMAGE, 'h5', 'h1')
+    mgr.report_parent_failure(fx.IMAGE, 'h1', 'h3')
+    assert fx.shape(mgr) == before
+
+
+def test_a_report_flood_counts_once_per_reporter_and_parent(clock):
+    mgr = fx.make_manager(fan_out=2, clock=clock, node_timeout=100,
+                          failure_quarantine=10)
+    six(mgr)
+    mgr.report_parent_failure(fx.IMAGE, 'h3', 'h1')
+    assert 'h1' not in fx.shape(mgr)
+    # h1 comes back after its quarantine and h3 is placed under it again
+    # (as the policy may): h3's reports about h1 do not count again until
+    # failure_quarantine has passed since its last one.
+    clock.advance(5)
+    mgr.heartbeat('h1', {fx.IMAGE: fx.entry('h1', [ORIGIN])})
+    mgr._trees[fx.IMAGE].set_parents('h3', ['h1'])
+    for _ in range(100):
+        answer = mgr.report_parent_failure(fx.IMAGE, 'h3', 'h1')
+        assert fx.parent_ids(answer) == ['h1']
+    assert 'h1' in fx.shape(mgr)
+    clock.advance(5)
+    mgr.report_parent_failure(fx.IMAGE, 'h3', 'h1')
+    assert 'h1' not in fx.shape(mgr)
+
+
+def test_node_tree_quota_refuses_the_excess_only(clock):
+    mgr = fx.make_manager(clock=clock, max_trees_per_node=3)
+    images = sorted(str(uuid.uuid4()) for _ in range(5))
+    for image in images[:3]:
+        fx.join(mgr, 'h1', image)
+    with pytest.raises(exception.InvalidInput) as info:
+        fx.join(mgr, 'h1', images[3])
+    assert 'max_trees_per_node' in str(info.value)
+    # A heartbeat of all five keeps the three trees and refuses the rest.
+    answers = mgr.heartbeat('h1', {image: fx.entry('h1', [ORIGIN])
+                                   for image in reversed(images)})
+    assert sorted(answers) == images[:3]
+    assert sorted(mgr.list_trees()) == images[:3]
+    # Another node is not affected.
+    fx.join(mgr, 'h2', images[4])
+
+
+def test_templates_per_heartbeat_and_total_trees_are_bounded(clock):
+    """20 heartbeats of 1000 templates made 20 000 trees."""
+    mgr = fx.make_manager(clock=clock, max_templates_per_heartbeat=50,
+                          max_trees=300, max_trees_per_node=100)
+    for n in range(20):
+        templates = {str(uuid.uuid4()): fx.entry('n%d' % n, [ORIGIN])
+                     for _ in range(1000)}
+        answers = mgr.heartbeat('n%d' % n, templates)
+        assert len(answers) <= 50
+    assert len(mgr.list_trees()) == 300
+    with pytest.raises(exception.InvalidInput) as info:
+        fx.join(mgr, 'n0', str(uuid.uuid4()))
+    assert 'max_trees' in str(info.value)
+    # Joining a tree that exists is still fine.
+    fx.join(mgr, 'fresh', next(iter(mgr.list_trees())))
+
+
+def test_nodes_are_told_when_they_get_new_children(clock):
+    told = []
+    mgr = fx.make_manager(fan_out=2, clock=clock, notify=told.extend)
+    six(mgr)
+    # Each join gave its parent a child; the origin is nobody's agent.
+    assert told == [('h1', fx.IMAGE), ('h1', fx.IMAGE), ('h2', fx.IMAGE),
+                    ('h2', fx.IMAGE)]
+    del told[:]
+    mgr.report_parent_failure(fx.IMAGE, 'h3', 'h1')
+    # h1's children moved: their new parents are told, h1 is not.
+    assert told and 'h1' not in {node for node, _ in told}
+    new_parents = {p for node, parents in fx.shape(mgr).items()
+                   for p in parents if node in ('h3', 'h4')} - {'origin'}
+    assert {node for node, _ in told} == new_parents
+    del told[:]
+    mgr.heartbeat('h5', {fx.IMAGE: fx.entry('h5', ['h2'])})
+    assert told == []
+
+
+def test_answers_carry_the_childrens_hosts(mgr):
+    six(mgr)
+    answer = mgr.get_placement(fx.IMAGE, 'h1')
+    assert answer['children'] == ['h3', 'h4']
+    assert answer['child_hosts'] == {'h3': 'h3.example.test',
+                                     'h4': 'h4.example.test'}
+    with pytest.raises(exception.NodeNotInTree):
+        mgr.get_placement(fx.IMAGE, 'h9')
+
+
+def test_being_named_as_a_parent_uses_no_quota_of_the_parent(clock):
+    mgr = fx.make_manager(clock=clock, max_trees_per_node=2)
+    named = [str(uuid.uuid4()) for _ in range(2)]
+    own = [str(uuid.uuid4()) for _ in range(3)]
+    # h2 names h1 as its parent in two trees (placeholders for h1)...
+    mgr.heartbeat('h2', {image: fx.entry('h2', ['h1']) for image in named})
+    assert all('h1' in mgr.get_tree(image)['nodes'] for image in named)
+    # ...which costs h1 nothing: its own joins go, up to its quota.
+    fx.join(mgr, 'h1', own[0])
+    fx.join(mgr, 'h1', own[1])
+    with pytest.raises(exception.InvalidInput):
+        fx.join(mgr, 'h1', own[2])

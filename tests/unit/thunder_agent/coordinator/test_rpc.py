@@ -1,7 +1,10 @@
 """Client and endpoint over oslo.messaging's in-process fake driver."""
 
+import threading
+import time
 import uuid
 
+import oslo_messaging as messaging
 import pytest
 
 from tests.unit.thunder_agent.coordinator import fixtures as fx
@@ -41,13 +44,14 @@ def test_round_trip_of_every_call(api):
                           fx.ORIGIN_INFO)
     assert answer == {'parents': [{'node': 'h1',
                                    'address': fx.address('h1')}],
-                      'depth': 2, 'children': []}
+                      'depth': 2, 'children': [], 'child_hosts': {}}
     beat = api.heartbeat('h3', {fx.IMAGE: fx.entry('h3', ['h1'])})
     assert beat == {fx.IMAGE: answer}
     assert api.list_trees() == {fx.IMAGE: {'nodes': 3, 'height': 2}}
     assert api.get_tree(fx.IMAGE)['nodes']['h3']['parents'] == ['h1']
     assert api.report_parent_failure(fx.IMAGE, 'h3', 'h1') == {
-        'parents': [fx.ORIGIN_INFO], 'depth': 1, 'children': []}
+        'parents': [fx.ORIGIN_INFO], 'depth': 1, 'children': [],
+        'child_hosts': {}}
     assert api.leave(fx.IMAGE, 'h2') == {'pending_children': []}
     assert sorted(api.get_tree(fx.IMAGE)['nodes']) == ['h3']
 
@@ -84,3 +88,46 @@ def test_unknown_node_in_existing_tree(api):
         api.leave(fx.IMAGE, 'h2')
     assert 'h2' in str(info.value)
     assert sorted(api.get_tree(fx.IMAGE)['nodes']) == ['h1']
+
+
+class _Agent:
+    def __init__(self):
+        self.told = []
+        self.event = threading.Event()
+
+    def tree_changed(self, ctxt, image_id):
+        self.told.append(image_id)
+        self.event.set()
+
+
+def test_agent_notifier_casts_at_most_every_interval_and_flushes():
+    transport = rpc.get_transport(cfg.CONF, 'fake:/')
+    topic = 'agent-%s' % uuid.uuid4().hex[:8]
+    agent = _Agent()
+    server = messaging.get_rpc_server(
+        transport, messaging.Target(topic=topic, server='h1'), [agent])
+    server.start()
+    clock = fx.Clock()
+    try:
+        notify = coordinator_rpc.AgentNotifier(transport, topic, 0.2, clock)
+        for _ in range(10):
+            notify([('h1', fx.IMAGE)])
+        assert agent.event.wait(10)
+        # Once within the interval; the rest is held back, not lost.
+        agent.event.clear()
+        notify.flush()
+        time.sleep(0.2)
+        assert agent.told == [fx.IMAGE]
+        clock.advance(0.2)
+        notify.flush()
+        assert agent.event.wait(10)
+        assert agent.told == [fx.IMAGE, fx.IMAGE]
+        # Nothing pending: a flush later casts nothing.
+        clock.advance(1)
+        notify.flush()
+        time.sleep(0.2)
+        assert agent.told == [fx.IMAGE, fx.IMAGE]
+    finally:
+        server.stop()
+        server.wait()
+        transport.cleanup()
