@@ -161,8 +161,21 @@ cache_opts = [
                     'power of two between 512 and 2097152.'),
     cfg.IntOpt('flush_interval', default=5, min=1,
                help='Seconds between flushes of cache metadata to disk. '
-                    'After a crash of the data plane, blocks cached since '
-                    'the last flush are fetched again.'),
+                    'After a crash of a template daemon, blocks cached '
+                    'since the last flush are fetched again (their qcow2 '
+                    'mappings were in its memory only). A power cut or host '
+                    'crash can leave a cluster mapped whose data never '
+                    'reached the disk; so a cache whose daemon the agent did '
+                    'not stop cleanly (flushed, quit, marked in the template '
+                    'directory) is verified before it serves: qemu-img '
+                    'check -r all, then every cluster it holds hashed '
+                    'against the image\'s manifest from the origin, those '
+                    'that differ dropped and fetched again; without a '
+                    'manifest the whole cache is discarded. This costs a '
+                    'read of the cached bytes at the next build (a 32 MiB '
+                    'cache: 0.1 s). A shorter interval loses fewer fills to '
+                    'a crash; it does not make a power cut safe without '
+                    'that check.'),
 ]
 
 qemu_group = cfg.OptGroup('qemu', title='qemu data-plane driver')
@@ -303,6 +316,16 @@ relay_opts = [
                       'serves. A parent that does not serve within this '
                       'time is reported as failed and the template reads '
                       'from the origin instead. 0: do not wait.'),
+    cfg.IntOpt('parent_wait', default=30, min=1, max=3600,
+               help='Seconds the verifier of a relaying template retries '
+                    'a parent that does not answer (refused, including a '
+                    'TLS authorization refusal while the parent has not '
+                    'learnt of this child yet, or dropped) with backoff, '
+                    'reads blocking, before it reads from the origin '
+                    'instead: long enough for a re-parent to reach the '
+                    'new parent (a probe round of parent_probe_interval '
+                    'and a coordinator answer), short enough that a dead '
+                    'parent stalls a VM\'s read for no longer.'),
 ]
 
 coordinator_group = cfg.OptGroup('coordinator', title='Relay tree coordinator')
@@ -346,6 +369,33 @@ coordinator_opts = [
                help='Seconds an agent waits for an answer of the '
                     'coordinator to a heartbeat, a leave or a failure '
                     'report ([relay] join_timeout bounds joins).'),
+    cfg.StrOpt('ca_file',
+               help='PEM file of the CA(s) whose certificates the '
+                    'coordinator accepts on signed calls: a call is taken '
+                    'only from a certificate of this CA, valid now, whose '
+                    'common name is the node it speaks for and whose IP '
+                    'address SANs hold the relay address it registers. '
+                    'Default: ca-cert.pem of [tls] certificates_dir. '
+                    'Unused with [tls] enabled = False.'),
+    cfg.IntOpt('signature_skew', default=60, min=1, max=3600,
+               help='Seconds a signed call\'s timestamp may be away from '
+                    'the coordinator\'s clock. The coordinator remembers '
+                    'every nonce for this long to refuse replays, so the '
+                    'memory it takes grows with it (~150 bytes per call). '
+                    'Keep the clocks of the hosts in sync (NTP) well '
+                    'within it.'),
+    cfg.IntOpt('max_trees_per_node', default=256, min=1,
+               help='Trees one node may be in (templates it holds at '
+                    'once). A join or heartbeat entry beyond it is refused '
+                    'and logged; the node keeps the trees it is in.'),
+    cfg.IntOpt('max_templates_per_heartbeat', default=1024, min=1,
+               help='Templates taken from one heartbeat; the excess is '
+                    'refused and logged (the node\'s trees first).'),
+    cfg.IntOpt('max_trees', default=10000, min=1,
+               help='Trees the coordinator holds in total (images being '
+                    'relayed at once). Joins and heartbeat entries that '
+                    'would create a tree beyond it are refused and logged. '
+                    'A tree costs ~1 KB plus ~500 bytes per member.'),
 ]
 
 kernel_group = cfg.OptGroup('kernel', title='kernel data-plane driver')

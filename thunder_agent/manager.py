@@ -106,6 +106,12 @@ STOP_FLUSH_WAIT = 30.0
 # A parent probe counts as failed [relay] parent_probe_timeout plus this
 # after it started, whether or not the driver's call has returned.
 PROBE_MARGIN = 1.0
+# A tree_changed hint makes at most one coordinator call per image per this
+# many seconds; hints meanwhile are coalesced into the next call. Anyone
+# may send the hint: this bounds what a flood of them costs the coordinator
+# (2 calls/s per image), while a new child is still admitted within 0.5 s
+# of the change, not at the next heartbeat (15 s).
+REFRESH_INTERVAL = 0.5
 
 
 class _Entry:
@@ -123,6 +129,8 @@ class _Entry:
         self.dirty = False          # record changed, not saved yet
         self.prefetcher = None
         self.in_flight = set()      # background jobs queued or running
+        self.refresh_wanted = False  # a tree_changed hint not acted on
+        self.refreshed_at = None    # clock of its last placement call
         self.stats_job = None       # the future computing its figures
         # Its cache counts in every admission (it exists or was admitted).
         self.admitted = False
@@ -534,6 +542,7 @@ class AgentManager:
                 # A record left CREATING would be undone at the next start
                 # under the VMs using it: no answer to Nova without it.
                 self._save(entry)
+            self._submit(entry, 'children', self._admit_children, entry)
         except BaseException as e:
             with excutils.save_and_reraise_exception():
                 LOG.error('Template %s not created: %s', image_id, e)
@@ -1303,6 +1312,8 @@ class AgentManager:
                 if built.driver_state is not None:
                     entry.record.driver_state = built.driver_state
                 self._save_or_defer(entry)
+            # A rebuilt relay export admits nobody until told.
+            self._submit(entry, 'children', self._admit_children, entry)
             self._restore_snapshots(entry)
         LOG.info('Template %s: data plane %s', view.image_id,
                  'restored' if operation == 'restore' else 'repaired')
@@ -1366,12 +1377,51 @@ class AgentManager:
                         or record.source.is_origin):
                     continue
                 by_source.setdefault(record.source, []).append(entry)
+        reported = self._report_mismatches(by_source)
+        by_source = {source: [e for e in entries if id(e) not in reported]
+                     for source, entries in by_source.items()}
+        by_source = {source: entries for source, entries in by_source.items()
+                     if entries}
         if not by_source:
             return
         answers = self._probe(list(by_source))
         for source, entries in by_source.items():
             for entry in entries:
                 self._count_probe(entry, source, answers[source])
+
+    def _report_mismatches(self, by_source):
+        """Report at once each parent whose bytes the driver rejected (a
+        block whose digest is not the manifest's: no second chance, the
+        template reads from the origin meanwhile); the ids of the entries
+        reported."""
+        reported = set()
+        for source, entries in by_source.items():
+            for entry in entries:
+                record = entry.record
+                try:
+                    mismatch = self.driver.source_mismatch(
+                        record, self._tdir(record))
+                except exception.ThunderException as e:
+                    LOG.warning('Template %s: cannot read its source '
+                                'check: %s', record.image_id, e)
+                    continue
+                if mismatch is None:
+                    continue
+                with entry.cond:
+                    if entry.record.source != source:
+                        continue        # moved meanwhile
+                    parent = entry.record.relay.parent
+                LOG.error('Template %s: parent %s (%s) sent %d block(s) '
+                          'that do not match the image\'s manifest (first '
+                          'block %d): reporting it; reading from the origin '
+                          'meanwhile', record.image_id, parent,
+                          mismatch.parent, len(mismatch.bad_blocks),
+                          mismatch.bad_blocks[0] if mismatch.bad_blocks
+                          else -1)
+                self._submit(entry, 'report', self._report_failure, entry,
+                             parent)
+                reported.add(id(entry))
+        return reported
 
     def _probe(self, sources):
         """``{source: answered}`` for *sources*, probed in parallel, by
@@ -1446,6 +1496,7 @@ class AgentManager:
             if list(placement.children) != record.relay.children:
                 record.relay.children = list(placement.children)
                 entry.dirty = True
+                self._submit(entry, 'children', self._admit_children, entry)
             current = record.relay.parent
             if record.state != READY or not placement.known:
                 return
@@ -1465,6 +1516,74 @@ class AgentManager:
                 return
         self._submit(entry, 'reparent', self._reparent, entry, placement,
                      source)
+
+    def _admit_children(self, entry):
+        """Have the driver admit exactly the template's current children
+        to its relay export; again while they changed meanwhile (a change
+        during the call found this job running and was not queued)."""
+        applied = None
+        while True:
+            with entry.cond:
+                record = entry.record
+                if (entry.gone or record.state != READY
+                        or record.relay is None or record.export is None
+                        or record.export.relay is None):
+                    return
+                children = list(record.relay.children)
+                if children == applied:
+                    return
+                view = entry.view()
+            self.driver.set_children(view, self._tdir(view), children)
+            applied = children
+
+    def refresh_placement(self, image_id):
+        """Ask the coordinator for this node's placement of *image_id* now
+        (its ``tree_changed`` hint), at most once per REFRESH_INTERVAL per
+        image, hints meanwhile coalesced. The hint is untrusted (anyone on
+        the bus may send it): it only makes the agent ask, and the
+        coordinator's answer is the truth. An image without a template or
+        relay is ignored."""
+        image_id = validation.image_id(image_id)
+        if self.relay is None:
+            return
+        with self._map_lock:
+            entry = self.templates.get(image_id)
+        if entry is None:
+            return
+        with entry.cond:
+            if entry.record.relay is None:
+                return
+            entry.refresh_wanted = True
+        # One job per image: a hint while it runs is taken by its loop.
+        self._submit(entry, 'refresh', self._refresh, entry)
+
+    def _refresh(self, entry):
+        placement_of = getattr(self.relay, 'placement_of', None)
+        if placement_of is None:
+            return
+        while True:
+            with entry.cond:
+                if not entry.refresh_wanted or entry.gone:
+                    return
+                last = entry.refreshed_at
+            wait = 0.0 if last is None else (
+                last + REFRESH_INTERVAL - self._clock())
+            if wait > 0:
+                # No lock held; the wait is at most REFRESH_INTERVAL.
+                time.sleep(min(wait, REFRESH_INTERVAL))
+                continue
+            with entry.cond:
+                entry.refresh_wanted = False
+                entry.refreshed_at = self._clock()
+            try:
+                placement = placement_of(entry.record.image_id)
+            except (relay_mod.CoordinatorUnavailable,
+                    exception.ImageTreeNotFound, exception.NodeNotInTree,
+                    exception.InvalidInput) as e:
+                LOG.info('Template %s: placement not refreshed: %s',
+                         entry.record.image_id, e)
+                continue
+            self._follow(entry, placement)
 
     def _reparent(self, entry, placement, source):
         with self._exclusive(entry, 'reparent', self._deadline(SHARED_WAIT)):

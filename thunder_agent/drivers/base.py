@@ -62,8 +62,26 @@ class TemplateStats:
     # Disk space the cache takes on the host.
     disk_bytes: int = 0
 
+    # Bytes the template's verifier read from its parents and from the
+    # origin, and parent blocks it rejected (digest not the manifest's).
+    bytes_from_parents: int = 0
+    bytes_from_origin: int = 0
+    blocks_rejected: int = 0
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceMismatch:
+    """A parent sent blocks whose digest is not the manifest's: the
+    template reads from the origin since, and the parent must be reported
+    and replaced."""
+
+    parent: str                 # the parent's address, as read
+    bad_blocks: tuple           # block indexes
+    block_size: int
+    time: float                 # seconds since the epoch
 
 
 class Driver(metaclass=abc.ABCMeta):
@@ -160,6 +178,19 @@ class Driver(metaclass=abc.ABCMeta):
         In-flight and later reads must block and resume, never fail.
         Returns the new driver_state (None: unchanged).
         """
+
+    def source_mismatch(self, template, template_dir):
+        """A :class:`SourceMismatch` when the template's current parent
+        sent bytes that failed their check, else None (also for drivers
+        that check nothing)."""
+        return None
+
+    def set_children(self, template, template_dir, children):
+        """Admit exactly *children* (node ids, the relay tree's current
+        children of this node) to the template's relay export, from their
+        next connection on. A driver without client authorization admits
+        whoever reaches the relay address: nothing to do."""
+        return None
 
     @abc.abstractmethod
     def delete_template(self, template, template_dir):

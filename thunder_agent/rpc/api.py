@@ -5,6 +5,8 @@ Version history:
 * 1.0 - prepare_template, create_snapshot, prepare, delete_snapshot,
   release_template, collect_garbage, get_status.
 * 1.1 - prefetch.
+* 1.2 - tree_changed (a cast: the coordinator's hint that the node's
+  place in an image's tree changed).
 
 Errors come back as the typed exceptions of :mod:`thunder_agent.exception`.
 """
@@ -17,12 +19,16 @@ TOPIC = 'thunder-agent'
 
 
 class AgentAPI:
-    VERSION = '1.1'
+    # What the server implements; calls ask for the version that brought
+    # them (BASE_VERSION unless they pin one), so an agent of an older
+    # release still serves what it knows.
+    VERSION = '1.2'
+    BASE_VERSION = '1.0'
 
     def __init__(self, transport, topic=TOPIC, timeout=None,
                  exchange=None):
         target = messaging.Target(exchange=exchange, topic=topic,
-                                  version=self.VERSION)
+                                  version=self.BASE_VERSION)
         self.client = messaging.get_rpc_client(transport, target,
                                                timeout=timeout)
 
@@ -88,3 +94,12 @@ class AgentAPI:
         cctxt = self.client.prepare(server=host, version='1.1', **options)
         return cctxt.call(ctxt or {}, 'prefetch', image_id=image_id,
                           mode=mode, rate_mb=rate_mb)
+
+    def tree_changed(self, host, image_id, ctxt=None):
+        """Tell *host* that its place in the tree of *image_id* changed (a
+        cast, no answer): it asks the coordinator for its placement at
+        once, so a new child is admitted within a fraction of a second,
+        not at the next heartbeat. The hint carries no tree: the
+        coordinator's answer is what the agent applies."""
+        cctxt = self.client.prepare(server=host, version='1.2')
+        cctxt.cast(ctxt or {}, 'tree_changed', image_id=image_id)

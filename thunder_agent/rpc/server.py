@@ -94,6 +94,11 @@ class AgentEndpoint:
     def prefetch(self, ctxt, image_id, mode='full', rate_mb=None):
         return self.manager.prefetch(image_id, mode, rate_mb)
 
+    def tree_changed(self, ctxt, image_id):
+        """A hint from anyone on the bus: the manager only asks the
+        coordinator (rate-limited per image) and applies its answer."""
+        self.manager.refresh_placement(image_id)
+
 
 def get_server(transport, manager, topic, host):
     target = messaging.Target(topic=topic, server=host)

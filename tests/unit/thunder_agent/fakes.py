@@ -37,6 +37,8 @@ class FakeDriver(base.Driver):
         self.calls = collections.Counter()
         self.log = []
         self.lock = threading.Lock()
+        # image id -> the children set_children was last given
+        self.admitted = {}
         # method name -> threading.Event the call waits for
         self.gates = {}
         # method name -> exception to raise (once per call)
@@ -46,6 +48,7 @@ class FakeDriver(base.Driver):
         self.origin_size = SIZE
         self.ready = {}          # source node -> bool
         self.answers = {}        # source node -> bool
+        self.mismatches = {}     # image id -> base.SourceMismatch
         self.healthy = {}        # image id -> bool
         self.usage = {}          # image id -> bytes
         self.capacity = {}       # image id -> bytes (default: its size)
@@ -122,6 +125,10 @@ class FakeDriver(base.Driver):
         self._enter('source_answers')
         return self.answers.get(source.node, True)
 
+    def source_mismatch(self, template, template_dir):
+        self._enter('source_mismatch', template)
+        return self.mismatches.get(template.image_id)
+
     # -- templates --------------------------------------------------------
     def _export(self, template):
         relay = template.export.relay if template.export else None
@@ -145,6 +152,12 @@ class FakeDriver(base.Driver):
     def set_sources(self, template, template_dir, sources):
         self._enter('set_sources', template)
         self.templates[template.image_id] = list(sources)
+        return None
+
+    def set_children(self, template, template_dir, children):
+        self._enter('set_children', template)
+        with self.lock:
+            self.admitted[template.image_id] = list(children)
         return None
 
     def delete_template(self, template, template_dir):
@@ -264,6 +277,10 @@ class FakeCoordinatorAPI:
     def report_parent_failure(self, image_id, node, parent, timeout=None):
         self._call('report_parent_failure', image_id, node, parent)
         self.parents[image_id] = self.after_failure.get(image_id)
+        return self._answer(image_id)
+
+    def get_placement(self, image_id, node, timeout=None):
+        self._call('get_placement', image_id, node)
         return self._answer(image_id)
 
     def leave(self, image_id, node, timeout=None):

@@ -17,6 +17,7 @@ import pytest
 from tests.unit.thunder_agent import fakes
 from thunder_agent import conf as agent_conf
 from thunder_agent import exception
+from thunder_agent.drivers import base
 from thunder_agent import manager as manager_mod
 from thunder_agent import records
 from thunder_agent import relay as relay_mod
@@ -390,6 +391,39 @@ def test_failed_parent_probes_report_and_move(conf):
     record = h.manager.templates[image_id].record
     assert record.relay.parent == 'node-c'
     assert record.relay.failures == 0
+
+
+def test_a_parent_whose_bytes_were_rejected_is_reported_at_once(
+        conf, caplog):
+    conf.set_override('parent_failures', 3, group='relay')
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.parents[image_id] = ('node-b', {'host': '192.0.2.20',
+                                          'port': 10811,
+                                          'export': image_id})
+    h.prepare(image_id)
+    h.api.after_failure[image_id] = ('node-c', {'host': '192.0.2.30',
+                                                'port': 10812,
+                                                'export': image_id})
+    # The parent answers probes; its bytes are wrong all the same.
+    h.driver.mismatches[image_id] = base.SourceMismatch(
+        parent='192.0.2.20:10811/' + image_id, bad_blocks=(3, 17),
+        block_size=65536, time=1.0)
+    h.manager.probe_parents()
+    h.drain()
+    # One probe round, not parent_failures: reported and moved.
+    assert ('report_parent_failure', image_id, 'node-a', 'node-b') in \
+        h.api.log
+    record = h.manager.templates[image_id].record
+    assert record.relay.parent == 'node-c'
+    assert h.driver.templates[image_id][0].node == 'node-c'
+    assert 'parent node-b (192.0.2.20:10811/%s) sent 2 block(s)' % (
+        image_id) in caplog.text
+    # The new parent's verifier has rejected nothing: no second report.
+    del h.driver.mismatches[image_id]
+    h.manager.probe_parents()
+    h.drain()
+    assert h.api.calls['report_parent_failure'] == 1
 
 
 def test_failed_parent_without_coordinator_moves_to_origin(conf):
@@ -1041,3 +1075,85 @@ def test_stop_gives_up_on_a_hung_flush_by_its_deadline(conf, monkeypatch):
         assert not h.manager.templates[image_ids[0]].dirty
     finally:
         gate.set()
+
+
+# -- relay export admission (set_children) and tree_changed hints ----------
+
+def test_children_reach_the_driver_from_join_heartbeat_and_restart(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.children[image_id] = ['node-c']
+    h.prepare(image_id)
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-c']
+    h.api.children[image_id] = ['node-c', 'node-d']
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-c', 'node-d']
+    calls = h.driver.calls['set_children']
+    # The same answer again: nothing to change.
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.calls['set_children'] == calls
+    # A restarted agent re-adopts the export and gives it the list again.
+    h.driver.admitted.clear()
+    h = h.restart()
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-c', 'node-d']
+
+
+def test_a_tree_changed_hint_asks_the_coordinator_at_once(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.drain()
+    h.api.children[image_id] = ['node-e']
+    started = time.monotonic()
+    h.manager.refresh_placement(image_id)
+    _wait_for(lambda: h.driver.admitted.get(image_id) == ['node-e'])
+    assert time.monotonic() - started < 0.5
+    assert h.api.calls['get_placement'] == 1
+
+
+def test_a_flood_of_hints_is_coalesced_and_rate_limited(conf):
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.prepare(image_id)
+    h.drain()
+    started = time.monotonic()
+    for n in range(200):
+        h.api.children[image_id] = ['node-%d' % n]
+        h.manager.refresh_placement(image_id)
+    _wait_for(lambda: h.driver.admitted.get(image_id) == ['node-199'])
+    h.drain()
+    elapsed = time.monotonic() - started
+    # One call at once, then one per REFRESH_INTERVAL for what came
+    # meanwhile; the last answer is applied.
+    assert 1 <= h.api.calls['get_placement'] <= 2 + elapsed / (
+        manager_mod.REFRESH_INTERVAL)
+    assert h.api.calls['get_placement'] <= 3
+
+
+def test_hints_about_unknown_images_cost_nothing(conf):
+    h = Harness(conf, relay=True)
+    h.manager.refresh_placement(new_id())
+    with pytest.raises(exception.InvalidImageId):
+        h.manager.refresh_placement('../../etc')
+    h.drain()
+    assert h.api.calls['get_placement'] == 0
+
+
+def test_a_hint_changes_nothing_the_coordinator_does_not_say(conf):
+    """Anyone may send the hint: the answer, not the hint, is applied."""
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.children[image_id] = ['node-c']
+    h.prepare(image_id)
+    h.drain()
+    calls = h.driver.calls['set_children']
+    h.manager.refresh_placement(image_id)
+    _wait_for(lambda: h.api.calls['get_placement'] == 1)
+    h.drain()
+    assert h.driver.calls['set_children'] == calls
+    assert h.driver.admitted[image_id] == ['node-c']
+    assert h.driver.calls['set_sources'] == 0

@@ -28,6 +28,16 @@ flushes and prefetches. (Templates built before this layout listen on TCP
 themselves and keep doing so while their record says so: running VMs use
 that address.)
 
+With ``[tls] enabled`` (:mod:`thunder_agent.tls`) every TCP NBD link is
+TLS, certificates checked both ways: the relay listener forwards children
+to the template's relay export (:mod:`~thunder_agent.drivers.qemu.
+relay_export`), which admits the CN=<node id> of the template's current
+children only (:meth:`QemuDriver.set_children`); a source read over TCP
+(the origin, or a parent of a template that does not relay) gets QEMU's
+x509 client credentials, and QEMU checks the server's certificate against
+the address connected to; the probes' libnbd handles require TLS the same
+way. Unix sockets (local readers, a local origin) stay plain.
+
 A snapshot is a qcow2 overlay file whose backing is the template's NBD
 export; the VM's QEMU opens it directly, so VM writes never pass through
 the agent or the template daemon, and the NBD client's reconnect delay
@@ -62,16 +72,24 @@ from oslo_utils import excutils
 
 from thunder_agent import exception
 from thunder_agent.drivers import base
+from thunder_agent.drivers.qemu import recovery
+from thunder_agent.drivers.qemu import relay_export
 from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent.drivers.qemu import upstream
 from thunder_agent import image_check
+from thunder_agent import manifest as manifest_mod
 from thunder_agent import prefetch
 from thunder_agent import records
+from thunder_agent import tls
 from thunder_agent import validation
 
 LOG = logging.getLogger(__name__)
 
 CACHE_FILE = 'cache.qcow2'
+# The image's digest manifest, fetched from the origin.
+MANIFEST_FILE = 'manifest'
+# Bytes of the manifest fetched per NBD read.
+MANIFEST_CHUNK = 4 << 20
 OVERLAY_FILE = 'overlay.qcow2'
 EXPORT_ID = 'template'
 ORIGIN_KINDS = ('file', 'nbd', 'iscsi')
@@ -186,7 +204,7 @@ class QemuDriver(base.Driver):
     def __init__(self, conf, daemon_factory=None, upstream_factory=None,
                  runner=None, nbd_factory=None, clock=time.monotonic,
                  listener_factory=None, networks=interface_networks,
-                 probe_runner=None):
+                 probe_runner=None, exporter_factory=None):
         super().__init__(conf)
         self.run_path = conf.agent.run_path
         self.qemu_img = conf.qemu.qemu_img
@@ -195,12 +213,21 @@ class QemuDriver(base.Driver):
         self._daemon_factory = daemon_factory or storage_daemon.StorageDaemon
         self._upstream_factory = upstream_factory or upstream.Upstream
         self._listener_factory = listener_factory or upstream.RelayListener
+        self._exporter_factory = (exporter_factory
+                                  or relay_export.RelayExport)
+        self._credentials = None
         self._runner = runner or run_command
         self._nbd = nbd_factory or nbd.NBD
         self._clock = clock
         self._networks = networks
         self._probe_runner = probe_runner
         self._peer_networks = None
+        # Templates already logged as taking no parent (no manifest).
+        self._unverified = set()
+        self._recovery = recovery.CacheRecovery(
+            lambda args: self._runner([self.qemu_img] + args,
+                                      self.conf.qemu.command_timeout),
+            clock)
 
     def start(self):
         os.makedirs(self.run_path, mode=0o750, exist_ok=True)
@@ -219,6 +246,20 @@ class QemuDriver(base.Driver):
 
     def _socket(self, image_id):
         return os.path.join(self.run_path, image_id + '.nbd')
+
+    def _relay_export(self, image_id):
+        return self._exporter_factory(
+            image_id, self.run_path, self.conf.tls.certificates_dir,
+            self.conf.qemu.storage_daemon, self.conf.qemu.start_timeout)
+
+    def _tls(self):
+        """This node's [tls] credentials, checked at first use (a node
+        without TCP NBD links needs none); None with TLS off."""
+        if not self.conf.tls.enabled:
+            return None
+        if self._credentials is None:
+            self._credentials = tls.Credentials.from_conf(self.conf)
+        return self._credentials
 
     @staticmethod
     def _relay_of(template):
@@ -286,11 +327,30 @@ class QemuDriver(base.Driver):
                         'from anywhere: %d networks of [relay] '
                         'peer_networks are IPv%d', template.image_id,
                         len(networks), family)
-        return (relay.host, relay.port, self._socket(template.image_id),
-                self._relay_cap(),
+        # With TLS, children reach the relay export, never the template
+        # daemon's plain socket.
+        target = (self._relay_export(template.image_id).socket
+                  if self.conf.tls.enabled
+                  else self._socket(template.image_id))
+        return (relay.host, relay.port, target, self._relay_cap(),
                 networks[0] if len(networks) == 1 else None)
 
+    def _ensure_relay_export(self, template, children=None):
+        """Start the relay export when it is not running (admitting
+        *children*, nobody when None: the manager gives the list after
+        each build), else give it *children* when not None."""
+        self._tls()
+        export = self._relay_export(template.image_id)
+        if export.is_running():
+            if children is not None:
+                export.set_children(children)
+            return
+        export.start(children or (), self._relay_cap(),
+                     self.reconnect_delay, self.conf.qemu.open_timeout)
+
     def _ensure_relay_listener(self, template):
+        if self.conf.tls.enabled:
+            self._ensure_relay_export(template)
         listener = self._relay_listener(template.image_id)
         args = self._listener_args(template)
         if not listener.points_at(*args):
@@ -302,22 +362,121 @@ class QemuDriver(base.Driver):
         return (self._relay_of(template) is not None
                 and template.source.endpoint.driver_volume_type == 'nbd')
 
-    def _ensure_forwarder(self, template):
-        endpoint = self._endpoint(template.source, template.image_id,
-                                  template.origin)
+    def _verify(self, template, template_dir):
+        """How the template's verifier checks its reads: the manifest in
+        *template_dir* (None when the origin serves none)."""
+        path = os.path.join(template_dir, MANIFEST_FILE)
+        return upstream.Verify(
+            template.origin, path if os.path.exists(path) else None,
+            self.conf.tls.certificates_dir if self.conf.tls.enabled
+            else None, self.conf.relay.parent_wait)
+
+    def _verified_source(self, template, template_dir, endpoint):
+        """*endpoint*, or the origin when a parent's bytes cannot be
+        checked (no manifest), with the Verify to read it under."""
+        verify = self._verify(template, template_dir)
+        if verify.manifest is None and endpoint != template.origin:
+            if template.image_id not in self._unverified:
+                self._unverified.add(template.image_id)
+                LOG.warning('Template %s takes no parent: its origin serves '
+                            'no manifest to check a parent\'s bytes against',
+                            template.image_id)
+            endpoint = template.origin
+        return endpoint, verify
+
+    def _upstream_is(self, template, template_dir, endpoint):
+        endpoint, verify = self._verified_source(template, template_dir,
+                                                 endpoint)
+        return self._upstream(template.image_id).verifies(endpoint, verify)
+
+    def _point_upstream(self, template, template_dir, endpoint):
+        """Make the verifier read *endpoint* (kept when it does)."""
+        endpoint, verify = self._verified_source(template, template_dir,
+                                                 endpoint)
         up = self._upstream(template.image_id)
-        if not up.points_at(endpoint):
-            up.start(endpoint)
+        if not up.verifies(endpoint, verify):
+            up.start_verifier(endpoint, verify)
         return up
 
-    def _graph_endpoint(self, template):
+    def _ensure_forwarder(self, template, template_dir):
+        return self._point_upstream(
+            template, template_dir,
+            self._endpoint(template.source, template.image_id,
+                           template.origin))
+
+    def _fetch_manifest(self, template, template_dir):
+        """Fetch the image's manifest from the origin (export
+        ``<origin export>.manifest``, TLS on TCP) into *template_dir*,
+        within ``[qemu] command_timeout``. An origin that serves none (or a
+        bad one) is logged: the template then takes no parent."""
+        origin = template.origin
+        data = dict(origin.data, export=manifest_mod.export_name(
+            origin.data.get('export', '')))
+        deadline = self._clock() + self.conf.qemu.command_timeout
+        # The most a manifest of this image can take, at the smallest block.
+        limit = manifest_mod.HEADER_SIZE + manifest_mod.PAD + (
+            manifest_mod.DIGEST_SIZE * manifest_mod.block_count(
+                template.size, manifest_mod.MIN_BLOCK_SIZE))
+        handle = None
+        try:
+            handle = self._nbd_connect(data, deadline)
+            size = handle.get_size()
+            if size > limit:
+                raise exception.InvalidManifest(
+                    reason='%d bytes for an image of %d' % (size,
+                                                            template.size))
+            raw = bytearray(size)
+            for offset in range(0, size, MANIFEST_CHUNK):
+                view = memoryview(raw)[offset:offset + MANIFEST_CHUNK]
+                cookie = handle.aio_pread(nbd.Buffer.from_buffer(view),
+                                          offset)
+                self._nbd_wait(handle,
+                               lambda: handle.aio_command_completed(cookie),
+                               deadline)
+            manifest_mod.Manifest.from_bytes(raw, template.size).write(
+                os.path.join(template_dir, MANIFEST_FILE))
+            return True
+        except exception.InvalidManifest as e:
+            reason = str(e)
+        except nbd.Error as e:
+            reason = 'fetching it failed: %s' % e
+        except _Refused:
+            reason = 'the origin serves no manifest export'
+        except _Timeout:
+            reason = ('fetching it took more than %s s'
+                      % self.conf.qemu.command_timeout)
+        finally:
+            handle = None
+        LOG.warning('Template %s takes no parent: its manifest: %s',
+                    template.image_id, reason)
+        return False
+
+    def source_mismatch(self, template, template_dir):
+        """What the verifier rejected from the current parent, or None."""
+        if not self._forwards(template):
+            return None
+        report = self._upstream(template.image_id).mismatch()
+        if not report:
+            return None
+        try:
+            return base.SourceMismatch(
+                parent=str(report['parent']),
+                bad_blocks=tuple(int(b) for b in report['bad_blocks']),
+                block_size=int(report['block_size']),
+                time=float(report['time']))
+        except (KeyError, TypeError, ValueError):
+            LOG.warning('Template %s: unreadable verifier report',
+                        template.image_id)
+            return None
+
+    def _graph_endpoint(self, template, template_dir):
         """The endpoint the block graph reads: for a relaying template the
-        local forwarder (which points at the current parent)."""
+        local verifier (which reads the current parent)."""
         endpoint = self._endpoint(template.source, template.image_id,
                                   template.origin)
         if not self._forwards(template):
             return endpoint
-        up = self._ensure_forwarder(template)
+        up = self._ensure_forwarder(template, template_dir)
         return records.Endpoint('nbd', {'socket': up.socket,
                                         'export': template.image_id})
 
@@ -421,6 +580,10 @@ class QemuDriver(base.Driver):
                           'port': str(data['port'])}
             opts = {'driver': 'nbd', 'server': server,
                     'export': data.get('export', ''), 'read-only': True}
+            if 'host' in data and self._tls() is not None:
+                # QEMU checks the server's certificate against the host
+                # connected to (an IP address in a parent's SANs).
+                opts['tls-creds'] = tls.CLIENT_CREDS_ID
             if not probe:
                 # open-timeout bounds blockdev-add (and so the daemon's
                 # monitor) on a source that died since it was probed;
@@ -573,6 +736,8 @@ class QemuDriver(base.Driver):
         if image_format == 'qcow2':
             opts['backing'] = None
         args = ['info', '--output=json', '-U']
+        if 'tls-creds' in opts['file']:
+            args += ['--object', json.dumps(self._tls().client_creds())]
         secret = self._secret(endpoint)
         with _secret_pipe(secret) as fd:
             if fd is not None:
@@ -628,6 +793,8 @@ class QemuDriver(base.Driver):
         """A libnbd handle connected to the NBD export *data* by
         *deadline*; nbd.Error, _Refused or _Timeout otherwise."""
         handle = self._nbd()
+        if 'socket' not in data and self._tls() is not None:
+            self._tls().secure(handle)
         handle.set_export_name(data.get('export', ''))
         if 'socket' in data:
             handle.aio_connect_unix(data['socket'])
@@ -691,6 +858,11 @@ class QemuDriver(base.Driver):
         """QMP calls building the template's graph over *endpoint*."""
         calls = []
         source = dict(self._protocol(endpoint), **{'node-name': 'source'})
+        # A TCP source has tls-creds (see _protocol); a forwarded one is
+        # the verifier's plain local socket, the verifier being the TLS
+        # client of the parent and the origin.
+        if 'tls-creds' in source:
+            calls.append(('object-add', self._tls().client_creds()))
         secret = self._secret(endpoint)
         if secret is not None:
             # Over QMP, not on a command line.
@@ -715,6 +887,21 @@ class QemuDriver(base.Driver):
         ]
         return calls
 
+    def _recover_cache(self, template, template_dir, cache, daemon):
+        """Verify a cache no daemon holds that was not shut down cleanly
+        (:mod:`~thunder_agent.drivers.qemu.recovery`), before any reader
+        sees it; the recovery's Result, or None when there was nothing to
+        do."""
+        exists = os.path.exists(cache)
+        action = recovery.decide(
+            daemon.is_running(), exists,
+            exists and recovery.is_clean(template_dir, cache),
+            os.path.exists(os.path.join(template_dir, MANIFEST_FILE)))
+        if action == recovery.NOTHING:
+            return None
+        return self._recovery.recover(template.image_id, template_dir, cache,
+                                      template.size)
+
     def _build(self, template, template_dir, state):
         """Start the daemon and build the graph over the cache in
         *template_dir* (made when missing); *state* becomes the new
@@ -734,7 +921,18 @@ class QemuDriver(base.Driver):
             image_check.check_file(source.data['path'],
                                    template.image_format, template.image_id,
                                    self._qemu_probe)
+        if (self._relay_of(template) is not None
+                and template.origin.driver_volume_type == 'nbd'
+                and not os.path.exists(os.path.join(template_dir,
+                                                    MANIFEST_FILE))):
+            # Before any parent is read: its bytes are checked against it.
+            self._fetch_manifest(template, template_dir)
         cache = os.path.join(template_dir, CACHE_FILE)
+        daemon = self._daemon(template.image_id)
+        # A daemon left by a build that never finished holds the names
+        # (and the cache): it goes before the cache is judged.
+        daemon.stop()
+        self._recover_cache(template, template_dir, cache, daemon)
         fresh = not os.path.exists(cache)
         if fresh:
             self._qemu_img(['create', '-q', '-f', 'qcow2', '-o',
@@ -744,14 +942,15 @@ class QemuDriver(base.Driver):
         # What the cache held when this daemon started: the origin file
         # reads it makes from here on are fetches, not hits.
         state['fetch_base'] = 0 if fresh else self._fetched(cache)
-        daemon = self._daemon(template.image_id)
-        # A daemon left by a build that never finished holds the names.
-        daemon.stop()
+        # The daemon writes the cache from here: a power cut must find it
+        # unmarked.
+        recovery.clear_marker(template_dir)
         try:
             daemon.start(nbd_server=self._listener(template),
                          max_connections=self._server_cap(template))
             daemon.commands(*self._graph(
-                template, cache, self._graph_endpoint(template)))
+                template, cache, self._graph_endpoint(template,
+                                                      template_dir)))
             if self._listens(template):
                 self._ensure_relay_listener(template)
         except Exception:
@@ -779,9 +978,11 @@ class QemuDriver(base.Driver):
                 # client reconnects to it by itself, children to the
                 # listener.
                 if self._forwards(template):
-                    self._ensure_forwarder(template)
+                    self._ensure_forwarder(template, template_dir)
                 if self._listens(template):
                     self._ensure_relay_listener(template)
+                # It holds the cache open read-write.
+                recovery.clear_marker(template_dir)
                 LOG.info('Re-adopted running template %s', template.image_id)
                 return base.TemplateBuild(export=self._export(template))
             LOG.warning('Template daemon %s is incomplete; rebuilding',
@@ -818,15 +1019,34 @@ class QemuDriver(base.Driver):
             raise exception.BackendError(
                 reason='template %s reads NBD exports named %s only'
                        % (template.image_id, template.image_id))
-        up = self._upstream(template.image_id)
-        if not up.points_at(endpoint):
-            up.start(endpoint)
+        self._point_upstream(template, template_dir, endpoint)
+        return None
+
+    def set_children(self, template, template_dir, children):
+        """Admit exactly *children* to the template's relay export (TLS
+        client certificates with CN=<node id>), from their next connection
+        on. Nothing to do with TLS off: the relay listener's range filter
+        is all there is."""
+        if self.conf.tls.enabled and self._listens(template):
+            self._ensure_relay_export(template, list(children))
         return None
 
     def delete_template(self, template, template_dir):
         daemon = self._daemon(template.image_id)
-        daemon.stop()
+        # A crash before the files go leaves the template to be rebuilt
+        # from them: a cache flushed and closed needs no verifying then.
+        recovery.stop_cleanly(
+            daemon, template_dir, os.path.join(template_dir, CACHE_FILE),
+            lambda: self.flush_template(template, template_dir),
+            self.conf.qemu.flush_timeout)
         daemon.remove_log()
+        try:
+            exporter = self._relay_export(template.image_id)
+        except exception.BackendError:
+            exporter = None     # its sockets never fitted the run path
+        if exporter is not None:
+            exporter.stop()
+            exporter.remove_log()
         up = self._upstream(template.image_id)
         up.stop()
         up.remove_log()
@@ -844,8 +1064,13 @@ class QemuDriver(base.Driver):
                     template.image_id).points_at(
                         *self._listener_args(template)):
                 return False
+            if (self._listens(template) and self.conf.tls.enabled
+                    and not self._relay_export(
+                        template.image_id).is_running()):
+                return False
             if self._forwards(template):
-                return self._upstream(template.image_id).points_at(
+                return self._upstream_is(
+                    template, template_dir,
                     self._endpoint(template.source, template.image_id,
                                    template.origin))
         except exception.ThunderException as e:
@@ -925,11 +1150,17 @@ class QemuDriver(base.Driver):
             state['hit_last'] = max(0, hits)
         hits = state.get('hit_base', 0) + state.get('hit_last', 0)
         block = state.get('cluster_size', self.cluster_size)
+        # The verifier's counters, since the current source was set.
+        verified = (self._upstream(template.image_id).verifier_stats()
+                    if self._forwards(template) else None) or {}
         stats = base.TemplateStats(
             bytes_fetched=fetched, bytes_served=fetched + hits,
             cached_bytes=fetched, blocks_cached=fetched // block,
             block_size=block, disk_bytes=self.disk_usage(template,
-                                                         template_dir))
+                                                         template_dir),
+            bytes_from_parents=_counter(verified, 'parent_bytes'),
+            bytes_from_origin=_counter(verified, 'origin_bytes'),
+            blocks_rejected=_counter(verified, 'blocks_rejected'))
         return stats, (state if state != template.driver_state else None)
 
     def disk_usage(self, template, template_dir):
@@ -1020,6 +1251,11 @@ class QemuDriver(base.Driver):
                                           reason=reason)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(snapshot_dir, OVERLAY_FILE))
+
+
+def _counter(values, key):
+    value = values.get(key)
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 @contextlib.contextmanager

@@ -176,12 +176,16 @@ class StorageDaemon:
     def is_running(self):
         return self.pid is not None
 
-    def start(self, nbd_server=None, extra_args=(), max_connections=None):
+    def start(self, nbd_server=None, extra_args=(), max_connections=None,
+              server_options=None, objects=()):
         """Start the daemon; *nbd_server* is a SocketAddress dict, and its
         NBD server takes at most *max_connections* clients at once (QEMU's
         ``max-connections``; None leaves QEMU's default, 100 in this QEMU,
         so every caller of the agent passes one). A client beyond it waits
-        in the listening socket's queue, unanswered, until one leaves."""
+        in the listening socket's queue, unanswered, until one leaves.
+        *server_options* are more ``--nbd-server`` members (``tls-creds``,
+        ``tls-authz``); the objects they name are *objects* (object-add
+        dicts), made before the server."""
         if self.is_running():
             return
         os.makedirs(os.path.dirname(self.qmp_path), exist_ok=True)
@@ -203,10 +207,13 @@ class StorageDaemon:
             listener = listening_socket(nbd_server['host'],
                                         int(nbd_server['port']))
             nbd_server = {'type': 'fd', 'str': str(listener.fileno())}
+        for obj in objects:
+            cmd += ['--object', json.dumps(obj)]
         if nbd_server is not None:
             server = {'addr': nbd_server}
             if max_connections is not None:
                 server['max-connections'] = int(max_connections)
+            server.update(server_options or {})
             cmd += ['--nbd-server', json.dumps(server)]
         cmd += list(extra_args)
         LOG.debug('Starting qemu-storage-daemon %s', self.name)

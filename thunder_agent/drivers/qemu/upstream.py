@@ -1,14 +1,22 @@
-"""The TCP side of a relaying template: two ``socat`` forwarders.
+"""The TCP side of a relaying template: the verifier and a ``socat`` listener.
 
 **Upstream** (:class:`Upstream`): a template's NBD client connects to
-``<run_path>/<image_id>.up``, a unix socket served by socat, which forwards
-each connection to the template's current parent (or the origin).
-Re-parenting replaces the forwarder and drops its connections: QEMU's NBD
-client then reconnects (within ``[qemu] reconnect_delay``) to the same
-socket and so to the new parent, re-sending the requests that were in
-flight. Reads block and resume; nothing fails and the block graph never
-changes. (QEMU cannot re-point an NBD node at another server, and replacing
-the node would drain requests that wait for a dead parent.)
+``<run_path>/<image_id>.up``, a unix socket served by the verifier
+(:mod:`~thunder_agent.drivers.qemu.verifier_plugin`: nbdkit, libnbd), which
+reads each request from the template's current parent, checks every block
+against the image's manifest and takes any block that does not match, and
+from then on everything, from the origin. It is the one NBD client of the
+parent and of the origin, so TLS is its business: the template daemon
+talks plain NBD to the local socket. Re-parenting replaces the verifier and
+drops its connections: QEMU's NBD client then reconnects (within ``[qemu]
+reconnect_delay``) to the same socket and so to the new parent, re-sending
+the requests that were in flight. Reads block and resume; nothing fails and
+the block graph never changes. (QEMU cannot re-point an NBD node at another
+server, and replacing the node would drain requests that wait for a dead
+parent.) What the verifier rejected is in ``<image_id>.mismatch`` (JSON),
+its counters in ``<image_id>.verify``, both next to the socket.
+:meth:`Upstream.start` (socat to the source, unchecked) is the layout
+before the verifier.
 
 **Relay listener** (:class:`RelayListener`): children reach the template on
 its relay address (``[relay] listen_address``, a port of ``port_min..
@@ -39,8 +47,8 @@ it fetches from its parent meanwhile is not rate-capped (``[prefetch]
 max_rate_mb`` caps the agent's own full prefetches only). Local readers are
 not affected: their socket is not the listener's.
 
-Both forwarders run in their own session, so they survive agent restarts,
-and are re-adopted from their pid files (``<pid> <what it forwards>``).
+Both run in their own session, so they survive agent restarts, and are
+re-adopted from their pid files (``<pid> <what it forwards>``).
 
 Addresses reach socat as address strings, whose syntax gives ``:``, ``,``,
 ``[``, ``(`` and ``!!`` meanings of their own (``!!SYSTEM:...`` runs a
@@ -49,11 +57,16 @@ written back in canonical form (no IPv6 scope id: its text after ``%`` is
 free), a host name must be a plain DNS name (only for origins, which the
 operator names), a port an integer, a socket path a safe character set; and
 the whole address string is checked against the shapes this module makes
-before socat runs.
+before socat runs. The verifier's ``key=value`` parameters are made and
+checked the same way (:func:`verifier_params`; a parent's host must be an
+IP literal, the name libnbd checks its certificate's IP SANs against), and
+the plugin checks each again.
 """
 
 import contextlib
+import dataclasses
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -68,6 +81,9 @@ from thunder_agent import exception
 LOG = logging.getLogger(__name__)
 
 SOCAT = 'socat'
+NBDKIT = 'nbdkit'
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'verifier_plugin.py')
 # socat's transfer buffer (8 KiB by default): NBD replies are up to 32 MiB.
 BUFFER_SIZE = 131072
 # Pending connections the relay listener's kernel queue holds while
@@ -87,6 +103,14 @@ _LISTEN = re.compile(
     r'max-children=[0-9]+,backlog=[0-9]+,nodelay'
     r'(?:,ipv6only=1)?(?:,range=%s/[0-9]{1,3})?)\Z' % (_HOST, _HOST))
 _OPTIONS = re.compile(r'(?:,connect-timeout=[0-9]+,nodelay)?\Z')
+_EXPORT = re.compile(r'[A-Za-z0-9._-]{1,255}\Z')
+# The verifier's parameters, as verifier_params makes them.
+_PARAM = re.compile(
+    r'(?:(?:origin|parent)_host=[0-9A-Za-z.:-]+'
+    r'|(?:origin|parent)_port=[0-9]{1,5}'
+    r'|(?:origin|parent)_export=[A-Za-z0-9._-]+'
+    r'|(?:origin_socket|manifest|report|stats|tls_dir)=/[A-Za-z0-9._/+-]+'
+    r'|(?:parent_wait|connections)=[0-9]+)\Z')
 
 
 def ip_literal(host):
@@ -293,6 +317,161 @@ class Upstream(Forwarder):
         for path in (self.pid_path, self.socket):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    # -- the verifier ----------------------------------------------------
+    @property
+    def report_path(self):
+        return os.path.join(os.path.dirname(self.socket),
+                            self.image_id + '.mismatch')
+
+    @property
+    def stats_path(self):
+        return os.path.join(os.path.dirname(self.socket),
+                            self.image_id + '.verify')
+
+    def verifier_label(self, source, verify):
+        """What the pid file says a verifier reading *source* under
+        *verify* (a :class:`Verify`) reads: its parameters, checked."""
+        return ' '.join(verifier_params(source, verify, self.report_path,
+                                        self.stats_path))
+
+    def verifies(self, source, verify):
+        """True when a verifier runs for *source* under *verify*."""
+        return self.target() == self.verifier_label(source, verify)
+
+    def start_verifier(self, source, verify):
+        """Serve the socket with the verifying nbdkit plugin reading
+        *source* (a parent, or the origin itself: then the origin only),
+        checked against *verify*'s manifest, replacing any forwarder."""
+        params = verifier_params(source, verify, self.report_path,
+                                 self.stats_path)
+        self.stop()
+        # A new parent has rejected nothing yet.
+        for path in (self.report_path, self.stats_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        cmd = [NBDKIT, '-f', '-r', '-U', socat_path(self.socket), 'python',
+               PLUGIN] + params
+        try:
+            with open(self.log_path, 'ab') as log:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, umask=0o077)
+        except FileNotFoundError:
+            raise exception.BackendError(
+                reason='nbdkit is not installed (Debian packages nbdkit, '
+                       'nbdkit-plugin-python)')
+        label = ' '.join(params)
+        with open(self.pid_path + '.tmp', 'w') as f:
+            f.write('%d %s\n' % (proc.pid, label))
+        os.replace(self.pid_path + '.tmp', self.pid_path)
+        deadline = time.monotonic() + self.start_timeout
+        while not self._listening():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise exception.BackendError(
+                    reason='verifier of %s did not start: %s'
+                           % (self.image_id, self.log_tail()))
+            time.sleep(0.02)
+        LOG.info('Template %s reads through the verifier: %s',
+                 self.image_id, label)
+
+    def mismatch(self):
+        """The verifier's report (a dict) when it rejected its parent's
+        bytes, else None."""
+        return _read_json(self.report_path)
+
+    def verifier_stats(self):
+        """The verifier's counters (a dict), or None."""
+        return _read_json(self.stats_path)
+
+    def remove_log(self):
+        """Remove the log, report and counters (of a stopped verifier)."""
+        super().remove_log()
+        for path in (self.report_path, self.stats_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verify:
+    """How a verifier checks what it reads: the template's *origin* (an
+    NBD :class:`~thunder_agent.records.Endpoint`, the trusted fallback),
+    the *manifest* file (None: the origin serves none, so the verifier
+    reads the origin only, unchecked), the ``[tls] certificates_dir``
+    (None: TLS off), the seconds it waits for a parent that does not
+    answer and the libnbd connections it opens to each source."""
+
+    origin: object
+    manifest: str
+    tls_dir: str = None
+    parent_wait: float = 30
+    connections: int = 4
+
+
+def _nbd_params(prefix, endpoint, parent):
+    """``key=value`` parameters reaching NBD *endpoint*: a parent's host
+    must be an IP literal (libnbd checks the certificate's IP SANs
+    against it), an origin's may be a DNS name."""
+    data = endpoint.data
+    if not isinstance(data, dict):
+        raise exception.BackendError(reason='endpoint %r' % (data,))
+    export = data.get('export')
+    if not isinstance(export, str) or not _EXPORT.match(export):
+        raise exception.BackendError(reason='export %r is not valid'
+                                     % (export,))
+    if 'socket' in data and not parent:
+        params = ['%s_socket=%s' % (prefix, socat_path(data['socket']))]
+    else:
+        host = data.get('host')
+        if parent:
+            try:
+                host = str(ip_literal(host))
+            except ValueError:
+                raise exception.BackendError(
+                    reason='parent host %r is not an IP address literal'
+                           % (host,))
+        else:
+            host = socat_host(host).strip('[]')
+        params = ['%s_host=%s' % (prefix, host),
+                  '%s_port=%d' % (prefix, socat_port(data.get('port')))]
+    return params + ['%s_export=%s' % (prefix, export)]
+
+
+def verifier_params(source, verify, report, stats):
+    """The plugin parameters of a verifier reading *source* (the origin
+    when it equals ``verify.origin``), each checked against its shape."""
+    params = _nbd_params('origin', verify.origin, parent=False)
+    if source != verify.origin:
+        if verify.manifest is None:
+            raise exception.BackendError(
+                reason='a parent\'s bytes cannot be checked without the '
+                       'image\'s manifest')
+        params += _nbd_params('parent', source, parent=True)
+    if verify.manifest is not None:
+        params.append('manifest=%s' % socat_path(verify.manifest))
+    params += ['report=%s' % socat_path(report),
+               'stats=%s' % socat_path(stats),
+               'parent_wait=%d' % int(verify.parent_wait),
+               'connections=%d' % int(verify.connections)]
+    if verify.tls_dir is not None:
+        params.append('tls_dir=%s' % socat_path(verify.tls_dir))
+    for param in params:
+        # The last line, as for socat: nothing else reaches nbdkit.
+        if not _PARAM.match(param):
+            raise exception.BackendError(
+                reason='refusing to give nbdkit the parameter %r'
+                       % (param,))
+    return params
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class RelayListener(Forwarder):

@@ -1,5 +1,6 @@
 """RPC plumbing on oslo.messaging's fake driver: typed errors come back."""
 
+import time
 import uuid
 
 from oslo_config import cfg
@@ -25,6 +26,9 @@ class RecordingManager:
 
     def get_status(self):
         return {'host': 'h'}
+
+    def refresh_placement(self, image_id):
+        self.calls.append(('refresh_placement', (image_id,)))
 
 
 @pytest.fixture
@@ -62,3 +66,13 @@ def test_unknown_host_times_out(client):
     agent, _ = client
     with pytest.raises(messaging.MessagingTimeout):
         agent.get_status('no-such-node', timeout=1)
+
+
+def test_tree_changed_is_a_cast_that_reaches_the_manager(client):
+    agent, manager = client
+    image = str(uuid.uuid4())
+    assert agent.tree_changed('node-1', image) is None
+    deadline = time.monotonic() + 10
+    while not manager.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager.calls == [('refresh_placement', (image,))]

@@ -26,6 +26,7 @@ from thunder_agent.drivers.qemu import driver as qemu_driver
 from thunder_agent.drivers.qemu import storage_daemon
 from thunder_agent.drivers.qemu import upstream
 from thunder_agent import exception
+from thunder_agent import manifest as manifest_mod
 from thunder_agent import origin as origin_mod
 from thunder_agent import prefetch
 from thunder_agent import records
@@ -49,6 +50,9 @@ def _conf(workdir, name, port_min=None, listen='127.0.0.1'):
         conf.set_override('port_min', port_min, group='relay')
         conf.set_override('port_max', port_min + 7, group='relay')
     conf.set_override('flush_timeout', 1, group='qemu')
+    # These tests are about the relay's data plane and its re-parenting
+    # over a unix-socket origin; the TLS links have test_relay_export.py.
+    conf.set_override('enabled', False, group='tls')
     return conf
 
 
@@ -308,7 +312,10 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
 
     snap = b.snapshot(child, 'i-1')
     forwarder = upstream.Upstream(image['id'], b.conf.agent.run_path)
-    assert forwarder.target() == 'TCP:127.0.0.1:%d' % relay.port
+    # The verifier reads the parent, checked against the manifest.
+    assert ' parent_host=127.0.0.1 parent_port=%d ' % relay.port in (
+        forwarder.target())
+    assert ' manifest=%s/manifest ' % b.tdir(child) in forwarder.target()
     half = image['size'] // 2
     rest = image['size'] - half
     parent_pid = a.daemon(parent).pid
@@ -346,8 +353,9 @@ def test_relay_child_reads_through_parent_and_moves_to_origin(
             assert b.driver.set_sources(child, tdir, to_origin) is None
             assert child.to_dict() == before
             child.sources = to_origin
-            assert forwarder.target() == 'UNIX-CONNECT:%s' % (
-                origin.data['socket'])
+            assert forwarder.target().startswith('origin_socket=%s ' % (
+                origin.data['socket']))
+            assert 'parent_host' not in forwarder.target()
             assert b.driver.is_healthy(child, tdir)
             # The child's NBD client reconnects through the new
             # forwarder, to the origin, and re-sends what was in flight.
@@ -391,6 +399,12 @@ def test_killed_daemon_is_rebuilt_from_its_cache(hosts, image, nbd_origin):
     assert build.driver_state is None
     assert host.daemon(template).pid == pid
 
+    # The cache is verified against the image's manifest: all of it is
+    # good and kept.
+    with open(image['path'], 'rb') as f:
+        manifest_mod.build(lambda o, n: os.pread(f.fileno(), n, o),
+                           image['size']).write(
+            os.path.join(tdir, qemu_driver.MANIFEST_FILE))
     os.kill(pid, signal.SIGKILL)
     while _alive(pid):
         time.sleep(0.05)
@@ -601,7 +615,8 @@ def test_ipv6_relay_end_to_end(hosts, image, nbd_origin):
     assert b.driver.source_ready(source)
     child = b.template(image, origin, sources=[source], relay=True)
     forwarder = upstream.Upstream(image['id'], b.conf.agent.run_path)
-    assert forwarder.target() == 'TCP:[::1]:%d' % relay.port
+    assert ' parent_host=::1 parent_port=%d ' % relay.port in (
+        forwarder.target())
     listener = upstream.RelayListener(image['id'], a.conf.agent.run_path)
     assert listener.target().startswith(
         'TCP6-LISTEN:%d,bind=[::1],' % relay.port)

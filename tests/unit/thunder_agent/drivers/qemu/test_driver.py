@@ -7,6 +7,7 @@ import copy
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -19,16 +20,21 @@ from thunder_agent import conf as agent_conf
 from thunder_agent import drivers
 from thunder_agent.drivers import base
 from thunder_agent.drivers.qemu import driver as qemu_driver
+from thunder_agent.drivers.qemu import recovery
 from thunder_agent.drivers.qemu import upstream
 from thunder_agent import exception
+from thunder_agent import manifest as manifest_mod
 from thunder_agent import prefetch
 from thunder_agent import records
+from thunder_lab import pki
 
 IMAGE = '3a1f6d0e-8c2b-4b5e-a7a4-6a0f5e9b2c11'
 SIZE = 64 << 20
 NBD_ORIGIN = records.Endpoint('nbd', {'host': '192.0.2.9', 'port': 10809,
                                       'export': IMAGE})
 FILE_ORIGIN = records.Endpoint('file', {'path': '/srv/images/disk.raw'})
+MANIFEST = manifest_mod.Manifest(
+    SIZE, 65536, bytes(32 * manifest_mod.block_count(SIZE, 65536)))
 # The first bytes of a qcow2 v3 image (magic, version 3, no backing file,
 # 64 KiB clusters), and of one whose header names a backing file.
 QCOW2_HEAD = (b'QFI\xfb' + (3).to_bytes(4, 'big') + bytes(8)
@@ -92,6 +98,8 @@ class FakeDaemon:
 
     def command(self, name, **args):
         self.calls.append((name, args))
+        if name == 'quit':
+            self.running = False
         if name == 'query-block-exports':
             return [{'id': a['id']} for n, a in self.calls
                     if n == 'block-export-add']
@@ -118,6 +126,19 @@ class FakeUpstream:
         self.current = upstream.describe(endpoint)
         self.starts.append(self.current)
 
+    def verifies(self, endpoint, verify):
+        return self.points_at(endpoint)
+
+    def start_verifier(self, endpoint, verify):
+        self.verify = verify
+        self.start(endpoint)
+
+    def mismatch(self):
+        return getattr(self, 'report', None)
+
+    def verifier_stats(self):
+        return getattr(self, 'counters', None)
+
     def stop(self):
         self.current = None
 
@@ -140,6 +161,38 @@ class FakeListener:
 
     def stop(self):
         self.current = None
+
+    def remove_log(self):
+        pass
+
+
+class FakeExporter:
+    """A RelayExport stand-in: running or not, and whom it admits."""
+
+    def __init__(self, image_id, run_path, certificates_dir):
+        self.socket = os.path.join(run_path, image_id + '.tls')
+        self.certificates_dir = certificates_dir
+        self.running = False
+        self.admitted = None
+        self.starts = []
+
+    def is_running(self):
+        return self.running
+
+    def start(self, children, max_connections, reconnect_delay,
+              open_timeout):
+        self.running = True
+        self.admitted = sorted(children)
+        self.starts.append((max_connections, reconnect_delay,
+                            open_timeout))
+
+    def set_children(self, children):
+        assert self.running
+        self.admitted = sorted(children)
+
+    def stop(self):
+        self.running = False
+        self.admitted = None
 
     def remove_log(self):
         pass
@@ -193,6 +246,7 @@ class FakeHandle:
         self.ready = ready
         self.export = None
         self.address = None
+        self.tls = None
         self.polls = []
         self.flushes = 0
         self.head = bytes(4096)
@@ -200,6 +254,15 @@ class FakeHandle:
 
     def set_export_name(self, name):
         self.export = name
+
+    def set_tls(self, level):
+        self.tls = dict(self.tls or {}, level=level)
+
+    def set_tls_certificates(self, path):
+        self.tls = dict(self.tls or {}, certificates=path)
+
+    def set_tls_verify_peer(self, verify):
+        self.tls = dict(self.tls or {}, verify_peer=verify)
 
     def aio_connect_unix(self, path):
         self.address = ('unix', path)
@@ -214,6 +277,8 @@ class FakeHandle:
         return self.ready and not self.aio_is_connecting()
 
     def get_size(self):
+        if (self.export or '').endswith(manifest_mod.EXPORT_SUFFIX):
+            return len(self.head)
         return SIZE
 
     def poll(self, timeout_ms):
@@ -252,6 +317,8 @@ def conf(tmp_path):
     conf.set_override('reconnect_delay', 123, group='qemu')
     conf.set_override('command_timeout', 45, group='qemu')
     conf.set_override('flush_timeout', 3, group='qemu')
+    # The TLS wiring has tests of its own (test_tls_* below).
+    conf.set_override('enabled', False, group='tls')
     return conf
 
 
@@ -260,6 +327,7 @@ class Fakes:
         self.daemons = {}
         self.upstreams = {}
         self.listeners = {}
+        self.exporters = {}
         self.qemu_img = FakeQemuImg()
         self.clock = Clock()
         self.handles = []
@@ -286,6 +354,11 @@ class Fakes:
         return self.listeners.setdefault(image_id,
                                          FakeListener(image_id, run_path))
 
+    def exporter(self, image_id, run_path, certificates_dir, executable,
+                 start_timeout):
+        return self.exporters.setdefault(
+            image_id, FakeExporter(image_id, run_path, certificates_dir))
+
     def daemon(self, name, run_path, executable, start_timeout):
         return self.daemons.setdefault(name, FakeDaemon(name))
 
@@ -311,7 +384,7 @@ def driver(conf, fakes):
         conf, daemon_factory=fakes.daemon, upstream_factory=fakes.upstream,
         runner=fakes.qemu_img, nbd_factory=fakes.nbd, clock=fakes.clock,
         listener_factory=fakes.listener, networks=fakes.networks,
-        probe_runner=fakes.probe)
+        probe_runner=fakes.probe, exporter_factory=fakes.exporter)
     drv.start()
     return drv
 
@@ -904,6 +977,8 @@ def test_ensure_rebuilds_from_the_cache_and_carries_counters(
         {'start': 0, 'length': 3 << 20, 'depth': 0, 'present': True},
         {'start': 3 << 20, 'length': SIZE - (3 << 20), 'depth': 0,
          'present': False}]
+    # Stopped cleanly: the cache is trusted as it is.
+    recovery.write_marker(tdir, os.path.join(tdir, qemu_driver.CACHE_FILE))
     before = copy.deepcopy(template.to_dict())
     rebuilt = driver.ensure_template(template, tdir)
     assert template.to_dict() == before
@@ -919,6 +994,7 @@ def test_ensure_rebuilds_from_the_cache_and_carries_counters(
 def test_set_sources_swaps_the_forwarder_only(driver, fakes, tdir, conf):
     conf.set_override('peer_networks', ['2001:db8::/64', '192.0.2.0/24'],
                       group='relay')
+    fakes.head = MANIFEST.to_bytes()
     template = _template(relay=_address(10815))
     build = driver.create_template(template, tdir)
     template.export = build.export
@@ -1005,6 +1081,23 @@ def test_template_stats(driver, fakes, tdir):
     assert fakes.handles[-1].flushes == 1
     template.driver_state = state
     assert driver.template_stats(template, tdir)[1] is None
+
+
+def test_template_stats_count_what_the_verifier_read(driver, fakes, tdir):
+    fakes.head = MANIFEST.to_bytes()
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    fakes.upstreams[IMAGE].counters = {
+        'parent_bytes': 3 << 20, 'origin_bytes': 65536,
+        'blocks_rejected': 1, 'blocks_checked': 49, 'bypass': 'mismatch'}
+    stats, _ = driver.template_stats(template, tdir)
+    assert (stats.bytes_from_parents, stats.bytes_from_origin,
+            stats.blocks_rejected) == (3 << 20, 65536, 1)
+    # Torn or hostile values count as nothing.
+    fakes.upstreams[IMAGE].counters = {'parent_bytes': -5,
+                                       'origin_bytes': 'x'}
+    stats, _ = driver.template_stats(template, tdir)
+    assert (stats.bytes_from_parents, stats.bytes_from_origin) == (0, 0)
 
 
 def test_file_source_reads_are_fetches_not_hits(driver, fakes, tdir,
@@ -1167,3 +1260,169 @@ def test_build_inspects_a_file_origin_again(driver, fakes, tdir, tmp_path):
     assert IMAGE not in fakes.daemons or fakes.daemons[IMAGE].starts == 0
     assert fakes.qemu_img.runs == []
     assert os.listdir(tdir) == []
+
+
+# -- TLS ([tls] enabled) ---------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pki_ca(tmp_path_factory):
+    if shutil.which('certtool') is None:
+        pytest.skip('certtool is not installed')
+    return pki.CA.create(str(tmp_path_factory.mktemp('ca')))
+
+
+@pytest.fixture
+def tls_conf(conf, pki_ca, tmp_path):
+    path = pki_ca.issue('node-1', str(tmp_path / 'pki'),
+                        ips=('127.0.0.1',))
+    conf.set_override('host', 'node-1')
+    conf.set_override('enabled', True, group='tls')
+    conf.set_override('certificates_dir', path, group='tls')
+    return conf
+
+
+def test_tls_an_nbd_source_over_tcp_checks_the_server(driver, fakes, tdir,
+                                                      tls_conf):
+    driver.create_template(_template(), tdir)
+    creds, source = _graph(fakes)[:2]
+    assert creds == ('object-add', {
+        'qom-type': 'tls-creds-x509', 'id': 'tls-client',
+        'endpoint': 'client', 'verify-peer': True,
+        'dir': tls_conf.tls.certificates_dir})
+    assert source[0] == 'blockdev-add'
+    assert source[1]['tls-creds'] == 'tls-client'
+    assert source[1]['server']['host'] == '192.0.2.9'
+
+
+def test_tls_probes_of_a_tcp_source_require_tls(driver, fakes, tls_conf):
+    driver.probe_source(records.Source.origin(NBD_ORIGIN), 'raw')
+    handle, = fakes.handles
+    assert handle.tls == {'level': nbd.TLS_REQUIRE, 'verify_peer': True,
+                          'certificates': tls_conf.tls.certificates_dir}
+    (args, _), = [r for r in fakes.qemu_img.runs if r[0][1] == 'info']
+    obj = json.loads(args[args.index('--object') + 1])
+    assert obj['qom-type'] == 'tls-creds-x509'
+    assert obj['endpoint'] == 'client' and obj['verify-peer'] is True
+    opts = json.loads(args[-1][len('json:'):])
+    assert opts['file']['tls-creds'] == obj['id']
+    assert driver.source_ready(records.Source.origin(NBD_ORIGIN))
+    assert fakes.handles[-1].tls['level'] == nbd.TLS_REQUIRE
+
+
+def test_tls_a_unix_origin_stays_plain(driver, fakes, tdir, tls_conf):
+    local = records.Endpoint('nbd', {'socket': '/run/o.sock',
+                                     'export': IMAGE})
+    driver.create_template(_template(origin=local), tdir)
+    source = [c for c in _graph(fakes) if c[0] == 'blockdev-add'][0][1]
+    assert 'tls-creds' not in source
+    assert not any(c[0] == 'object-add' for c in _graph(fakes))
+
+
+def test_tls_children_reach_the_relay_export_only(driver, fakes, tdir,
+                                                  tls_conf):
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    exporter = fakes.exporters[IMAGE]
+    # Nobody until the manager gives the children.
+    assert exporter.running and exporter.admitted == []
+    assert exporter.starts == [(driver._relay_cap(), 123, 7)]
+    (host, port, target, cap, network), = fakes.listeners[IMAGE].starts
+    assert target == exporter.socket != os.path.join(
+        tls_conf.agent.run_path, IMAGE + '.nbd')
+    # The template reads the forwarder's local socket: the forwarder is
+    # the TLS client of the parent.
+    source = [c for c in _graph(fakes) if c[0] == 'blockdev-add'][0][1]
+    assert source['server']['type'] == 'unix'
+    assert 'tls-creds' not in source
+    driver.set_children(template, tdir, ['node-2', 'node-3'])
+    assert exporter.admitted == ['node-2', 'node-3']
+    assert driver.is_healthy(template, tdir)
+    exporter.stop()
+    assert not driver.is_healthy(template, tdir)
+    # Re-adoption restarts it; the manager then gives the list again.
+    fakes.daemons[IMAGE].calls.append(
+        ('query-block-exports', [{'id': qemu_driver.EXPORT_ID}]))
+    driver.ensure_template(template, tdir)
+    assert exporter.running
+    driver.delete_template(template, tdir)
+    assert not exporter.running
+
+
+def test_tls_off_changes_nothing(driver, fakes, tdir, conf):
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    driver.set_children(template, tdir, ['node-2'])
+    assert not fakes.exporters.get(IMAGE, FakeExporter(
+        IMAGE, '/r', '/p')).running
+    (host, port, target, cap, network), = fakes.listeners[IMAGE].starts
+    assert target == os.path.join(conf.agent.run_path, IMAGE + '.nbd')
+    assert not any('tls-creds' in json.dumps(c) for c in _graph(fakes))
+
+
+def test_tls_credentials_of_another_node_build_nothing(driver, fakes, tdir,
+                                                       tls_conf):
+    tls_conf.set_override('host', 'node-9')
+    with pytest.raises(exception.InvalidInput, match='node-1'):
+        driver.create_template(_template(), tdir)
+    assert not fakes.daemons[IMAGE].running
+
+
+def test_a_relaying_template_fetches_its_manifest_from_the_origin(
+        driver, fakes, tdir):
+    fakes.head = MANIFEST.to_bytes()
+    template = _template(relay=_address(10815))
+    driver.create_template(template, tdir)
+    fetch, = [h for h in fakes.handles
+              if h.export == IMAGE + manifest_mod.EXPORT_SUFFIX]
+    assert fetch.address == ('tcp', '192.0.2.9', '10809')
+    path = os.path.join(tdir, qemu_driver.MANIFEST_FILE)
+    assert manifest_mod.Manifest.from_file(path, SIZE).to_bytes() == (
+        MANIFEST.to_bytes())
+    verify = fakes.upstreams[IMAGE].verify
+    assert (verify.origin, verify.manifest) == (NBD_ORIGIN, path)
+    assert verify.tls_dir is None           # [tls] enabled is off here
+    # A rebuild keeps the manifest it has: no second fetch.
+    fakes.handles.clear()
+    driver._build(template, tdir, {})
+    assert not [h for h in fakes.handles
+                if h.export == IMAGE + manifest_mod.EXPORT_SUFFIX]
+
+
+@pytest.mark.parametrize('served', [
+    bytes(4096),                                     # not a manifest
+    manifest_mod.Manifest(SIZE // 2, 65536, bytes(
+        32 * manifest_mod.block_count(SIZE // 2, 65536))).to_bytes(),
+])
+def test_without_a_manifest_no_parent_is_taken(driver, fakes, tdir,
+                                               conf, served, caplog):
+    fakes.head = served
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    assert not os.path.exists(os.path.join(tdir, qemu_driver.MANIFEST_FILE))
+    parent = driver.parent_source('p', records.RelayAddress(
+        '127.0.0.5', 10820, IMAGE), IMAGE)
+    conf.set_override('peer_networks', ['127.0.0.0/8'], group='relay')
+    driver.set_sources(template, tdir, [parent])
+    driver.set_sources(template, tdir, [parent])
+    # The origin, not the parent, and said once.
+    assert fakes.upstreams[IMAGE].target() == 'TCP:192.0.2.9:10809'
+    assert fakes.upstreams[IMAGE].verify.manifest is None
+    assert caplog.text.count('takes no parent: its origin serves') == 1
+
+
+def test_source_mismatch_is_the_verifiers_report(driver, fakes, tdir):
+    fakes.head = MANIFEST.to_bytes()
+    template = _template(relay=_address(10815))
+    template.export = driver.create_template(template, tdir).export
+    assert driver.source_mismatch(template, tdir) is None
+    fakes.upstreams[IMAGE].report = {
+        'parent': '192.0.2.7:10811/' + IMAGE, 'bad_blocks': [3, 17],
+        'blocks_rejected': 2, 'blocks_checked': 64, 'block_size': 65536,
+        'time': 1234.5}
+    assert driver.source_mismatch(template, tdir) == base.SourceMismatch(
+        parent='192.0.2.7:10811/' + IMAGE, bad_blocks=(3, 17),
+        block_size=65536, time=1234.5)
+    fakes.upstreams[IMAGE].report = {'parent': 'x', 'bad_blocks': 'junk'}
+    assert driver.source_mismatch(template, tdir) is None
+    # Not relaying: nothing is checked.
+    assert driver.source_mismatch(_template(), tdir) is None

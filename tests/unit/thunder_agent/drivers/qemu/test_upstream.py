@@ -333,3 +333,91 @@ def test_dead_forwarder_is_not_taken_for_a_live_one(socat, run_path):
     finally:
         up.stop()
         server.close()
+
+
+# -- the verifier ------------------------------------------------------------
+ORIGIN = records.Endpoint('nbd', {'socket': '/run/thunder/origin.sock',
+                                  'export': IMAGE})
+VERIFY = upstream.Verify(ORIGIN, '/var/lib/thunder/t/manifest',
+                         tls_dir='/etc/thunder-agent/pki', parent_wait=20)
+
+
+def _parent(**data):
+    return records.Endpoint('nbd', dict({'host': '192.0.2.9', 'port': 10809,
+                                         'export': IMAGE}, **data))
+
+
+def test_verifier_params_of_a_parent_and_of_the_origin():
+    params = upstream.verifier_params(_parent(), VERIFY, '/r/a', '/r/b')
+    assert params == [
+        'origin_socket=/run/thunder/origin.sock', 'origin_export=' + IMAGE,
+        'parent_host=192.0.2.9', 'parent_port=10809',
+        'parent_export=' + IMAGE, 'manifest=/var/lib/thunder/t/manifest',
+        'report=/r/a', 'stats=/r/b', 'parent_wait=20', 'connections=4',
+        'tls_dir=/etc/thunder-agent/pki']
+    # Reading the origin itself: no parent parameters.
+    params = upstream.verifier_params(ORIGIN, VERIFY, '/r/a', '/r/b')
+    assert not any(p.startswith('parent_h') for p in params)
+    # IPv6 in canonical form, as libnbd checks it against the IP SANs.
+    params = upstream.verifier_params(_parent(host='2001:DB8:0::5'),
+                                      VERIFY, '/r/a', '/r/b')
+    assert 'parent_host=2001:db8::5' in params
+
+
+@pytest.mark.parametrize('data', [
+    {'host': 'parent.example.com'},        # a name: resolved by whoever
+    {'host': 'fe80::1%eth0 tls_dir=/x'},   # scope id: free text
+    {'host': '192.0.2.9 manifest=/etc/x'},
+    {'host': None}, {'port': '10809'}, {'port': 0}, {'port': True},
+    {'export': 'x manifest=/etc/shadow'}, {'export': ''},
+    {'export': '../../x'}, {'export': None},
+    {'socket': '/run/x.sock'},             # a parent is never a socket
+])
+def test_hostile_parent_values_never_reach_nbdkit(monkeypatch, run_path,
+                                                  data):
+    started = []
+    monkeypatch.setattr(upstream.subprocess, 'Popen',
+                        lambda *a, **k: started.append(a))
+    endpoint = _parent(**data)
+    if 'socket' in data:
+        endpoint = records.Endpoint('nbd', {'socket': data['socket'],
+                                            'export': IMAGE})
+    with pytest.raises(exception.BackendError):
+        upstream.Upstream(IMAGE, run_path).start_verifier(endpoint, VERIFY)
+    assert started == []
+
+
+def test_verifier_command_line(monkeypatch, run_path):
+    started = []
+
+    class Proc:
+        pid = os.getpid()
+
+        def poll(self):
+            return 1
+
+    def popen(cmd, **kwargs):
+        started.append((cmd, kwargs))
+        return Proc()
+
+    monkeypatch.setattr(upstream.subprocess, 'Popen', popen)
+    up = upstream.Upstream(IMAGE, run_path, start_timeout=0)
+    with pytest.raises(exception.BackendError):
+        up.start_verifier(_parent(), VERIFY)     # "exits" at once
+    (cmd, kwargs), = started
+    assert cmd[:7] == ['nbdkit', '-f', '-r', '-U', up.socket, 'python',
+                       upstream.PLUGIN]
+    assert cmd[7:] == upstream.verifier_params(
+        _parent(), VERIFY, up.report_path, up.stats_path)
+    assert kwargs['start_new_session'] and kwargs['umask'] == 0o077
+
+
+def test_mismatch_and_stats_files(run_path):
+    up = upstream.Upstream(IMAGE, run_path)
+    assert up.mismatch() is None and up.verifier_stats() is None
+    with open(up.report_path, 'w') as f:
+        f.write('{"parent": "192.0.2.9:10809/x", "bad_blocks": [3]}')
+    assert up.mismatch()['bad_blocks'] == [3]
+    with open(up.stats_path, 'w') as f:
+        f.write('[1, 2')                    # torn: not taken
+    assert up.verifier_stats() is None
