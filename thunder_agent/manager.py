@@ -130,6 +130,10 @@ class _Entry:
         self.prefetcher = None
         self.in_flight = set()      # background jobs queued or running
         self.refresh_wanted = False  # a tree_changed hint not acted on
+        # Children the coordinator no longer lists, still admitted until
+        # the clock value (node -> deadline): see _admitted_children.
+        self.former_children = {}
+        self.applied_children = None  # what the relay export admits now
         self.refreshed_at = None    # clock of its last placement call
         self.stats_job = None       # the future computing its figures
         # Its cache counts in every admission (it exists or was admitted).
@@ -542,6 +546,8 @@ class AgentManager:
                 # A record left CREATING would be undone at the next start
                 # under the VMs using it: no answer to Nova without it.
                 self._save(entry)
+                # A new relay export admits nobody until told.
+                entry.applied_children = None
             self._submit(entry, 'children', self._admit_children, entry)
         except BaseException as e:
             with excutils.save_and_reraise_exception():
@@ -1312,7 +1318,8 @@ class AgentManager:
                 if built.driver_state is not None:
                     entry.record.driver_state = built.driver_state
                 self._save_or_defer(entry)
-            # A rebuilt relay export admits nobody until told.
+                # A rebuilt relay export admits nobody until told.
+                entry.applied_children = None
             self._submit(entry, 'children', self._admit_children, entry)
             self._restore_snapshots(entry)
         LOG.info('Template %s: data plane %s', view.image_id,
@@ -1362,6 +1369,14 @@ class AgentManager:
                 entry = self.templates.get(image_id)
             if entry is not None:
                 self._follow(entry, placement)
+        # Former children whose grace ended leave the relay exports.
+        now = self._clock()
+        for entry in self._entries():
+            with entry.cond:
+                expired = any(t <= now for t in
+                              entry.former_children.values())
+            if expired:
+                self._submit(entry, 'children', self._admit_children, entry)
 
     def probe_parents(self):
         """Probe each distinct parent of this host's templates once; report
@@ -1517,11 +1532,31 @@ class AgentManager:
         self._submit(entry, 'reparent', self._reparent, entry, placement,
                      source)
 
+    def _admitted_children(self, entry, now):
+        """The children the relay export admits (under entry.cond): the
+        current ones, and for [coordinator] node_timeout those the
+        coordinator stopped listing. A restarted coordinator answers with
+        few or no children until every child's heartbeat has reached it
+        (one heartbeat_interval); dropping them at once refused their next
+        connection and probe, and re-shaped the tree it was rebuilding.
+        A node removed from the tree keeps access that long (it was a
+        member a moment ago and read the same image)."""
+        current = set(entry.record.relay.children)
+        former = entry.former_children
+        for child in entry.applied_children or ():
+            if child not in current:
+                former.setdefault(child, now + self.conf.coordinator.
+                                  node_timeout)
+        for child in list(former):
+            if child in current or former[child] <= now:
+                del former[child]
+        return sorted(current | set(former))
+
     def _admit_children(self, entry):
-        """Have the driver admit exactly the template's current children
-        to its relay export; again while they changed meanwhile (a change
-        during the call found this job running and was not queued)."""
-        applied = None
+        """Have the driver admit the template's children to its relay
+        export (:meth:`_admitted_children`); again while they changed
+        meanwhile (a change during the call found this job running and was
+        not queued)."""
         while True:
             with entry.cond:
                 record = entry.record
@@ -1529,12 +1564,13 @@ class AgentManager:
                         or record.relay is None or record.export is None
                         or record.export.relay is None):
                     return
-                children = list(record.relay.children)
-                if children == applied:
+                children = self._admitted_children(entry, self._clock())
+                if children == entry.applied_children:
                     return
                 view = entry.view()
             self.driver.set_children(view, self._tdir(view), children)
-            applied = children
+            with entry.cond:
+                entry.applied_children = children
 
     def refresh_placement(self, image_id):
         """Ask the coordinator for this node's placement of *image_id* now

@@ -30,8 +30,16 @@ def origin(workdir, image, qemu_tools):
     server.stop()
 
 
+@pytest.fixture(scope='session')
+def deployment_ca(tmp_path_factory):
+    """The deployment's CA (lab PKI, certtool): agents get credentials of
+    their own from it, as in production."""
+    from thunder_lab import pki
+    return pki.CA.create(str(tmp_path_factory.mktemp('ca')))
+
+
 @pytest.fixture
-def agent_factory(rabbit, workdir, qemu_tools):
+def agent_factory(rabbit, workdir, qemu_tools, deployment_ca):
     agents = []
 
     def make(name='agent', **kwargs):
@@ -42,10 +50,15 @@ def agent_factory(rabbit, workdir, qemu_tools):
                    (kwargs.pop('options', None) or {}).items()}
         options.setdefault('agent', {}).setdefault('origin_socket_dirs',
                                                    workdir)
+        host = '%s-%s' % (name, uuid.uuid4().hex[:8])
+        options.setdefault('tls', {}).setdefault(
+            'certificates_dir', deployment_ca.issue(
+                host, os.path.join(workdir, 'pki-' + name),
+                ips=['127.0.0.1']))
         kwargs['options'] = options
         agent = agent_mod.AgentProcess(
             rabbit.transport_url, os.path.join(workdir, name),
-            host='%s-%s' % (name, uuid.uuid4().hex[:8]), **kwargs)
+            host=host, **kwargs)
         agents.append(agent)
         return agent.start()
 

@@ -774,8 +774,11 @@ def relay_key_file(tmp_path_factory):
     return path
 
 
-def _agent_options(host, topic, key_file, lock_path):
+def _agent_options(host, topic, key_file, lock_path, tls_dir):
     return {
+        # Signed coordinator calls: the node's certificate names it and
+        # its export address.
+        'tls': {'enabled': 'true', 'certificates_dir': tls_dir},
         'agent': {'housekeeping_interval': 2},
         'kernel': {'tgt_control_port': host.control_port,
                    'export_address': host.address,
@@ -819,17 +822,24 @@ def rpc_cluster(guest, relay_key_file, tmp_path_factory):
     lock_path = str(root / 'os-brick-locks')
     os.makedirs(lock_path, mode=0o700)
     helper = os.path.join(os.path.dirname(sys.executable), 'privsep-helper')
+    from thunder_lab import pki
+    ca = pki.CA.create(str(root / 'pki' / 'ca'))
     coordinator = coordinator_mod.CoordinatorProcess(
         url, str(root / 'coordinator'), topic=topic,
         options={'coordinator': {'fan_out': 1, 'origin_fan_out': 1,
-                                 'heartbeat_interval': 2}},
+                                 'heartbeat_interval': 2},
+                 'tls': {'enabled': 'true', 'certificates_dir': ca.issue(
+                     'coordinator', str(root / 'pki' / 'coordinator'))}},
         log_dir=os.path.join(logs, 'coordinator'))
     agents = {}
     for name in RPC_HOSTS:
         host = guest[name]
         agents[name] = RpcAgent(host, agent_mod.AgentProcess(
             url, str(root / name), host='agent-' + name, backend='kernel',
-            options=_agent_options(host, topic, relay_key_file, lock_path),
+            options=_agent_options(
+                host, topic, relay_key_file, lock_path,
+                ca.issue('agent-' + name, str(root / 'pki' / name),
+                         ips=[host.address])),
             log_dir=os.path.join(logs, name), privsep_helper=helper))
     processes = [coordinator] + [a.process for a in agents.values()]
     try:

@@ -176,6 +176,10 @@ def agent_config(known, host, transport_url, workdir, coordinator_topic,
                   'port_min': str(ports[0]), 'port_max': str(ports[1])},
         'coordinator': {'topic': coordinator_topic},
     }
+    if 'tls.enabled' in known:
+        # What is measured is the manager against a silent coordinator:
+        # no credentials needed (the old release has no [tls]).
+        groups['tls'] = {'enabled': 'false'}
     for group, name, value in overrides:
         groups.setdefault(group, {})[name] = value
     for group, values in groups.items():

@@ -2,8 +2,15 @@
 and the consistency checks a benchmark result must pass."""
 
 import math
+import os
 
-MODES = ('full-copy', 'p2p-copy', 'direct', 'thunder', 'thunder-prefetch')
+MODES = ('full-copy', 'p2p-copy', 'direct', 'thunder', 'thunder-prefetch',
+         'thunder-plain')
+# thunder with its security off ([tls] enabled = False: plain NBD links,
+# unsigned coordinator calls): the other side of the cost of security.
+PLAIN_MODE = 'thunder-plain'
+# Modes on agents.
+AGENT_MODES = ('direct', 'thunder', 'thunder-prefetch', PLAIN_MODE)
 # Keys every record of ``thunder-bench --json`` has.
 REQUIRED_KEYS = ('mode', 'hosts', 'vms', 'storm_s', 'p50_s', 'p99_s',
                  'origin_bytes', 'working_set_bytes', 'image_bytes',
@@ -65,6 +72,22 @@ def cpu_busy(before, after):
     busy = after[0] - before[0]
     total = after[1] - before[1]
     return round(busy / total, 3) if total > 0 else None
+
+
+def process_cpu_s(pids):
+    """CPU seconds (user + system, with reaped children's) the processes
+    *pids* have used so far; a process gone meanwhile counts 0."""
+    tick = os.sysconf('SC_CLK_TCK')
+    total = 0
+    for pid in pids:
+        try:
+            with open('/proc/%d/stat' % pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # utime stime cutime cstime: fields 14-17 of proc(5).
+        total += sum(int(x) for x in fields[11:15])
+    return total / tick
 
 
 def link_bytes(before, after):

@@ -21,6 +21,7 @@ COLUMNS = (
     ('x WS', None, '%6.2f'),
     ('max link MiB', 'max_link_bytes', '%12.1f'),
     ('CPU %', 'cpu_busy', '%5.0f'),
+    ('dp CPU s/GiB', 'cpu_s_per_gib', '%12.2f'),
     ('data', 'checksums_ok', '%4s'),
 )
 
@@ -112,7 +113,7 @@ def plot(records, path, title=None):
     modes = [m for m in metrics.MODES if any(r['mode'] == m
                                              for r in records)]
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(12, 4.8))
-    markers = dict(zip(metrics.MODES, 'osD^v'))
+    markers = dict(zip(metrics.MODES, 'osD^vx'))
     for mode in modes:
         series = sorted((r['hosts'], r['storm_s'], r['origin_bytes'])
                         for r in records if r['mode'] == mode)

@@ -413,7 +413,8 @@ def _run_thunder(storm, tc, image_id, workdir):
     config = storm.config
     origin = thunder_cluster.OriginProcess(
         tc.cluster.origin, config.image, 'raw', image_id,
-        _next_origin_port(), os.path.join(workdir, 'origin')).start()
+        _next_origin_port(), os.path.join(workdir, 'origin'),
+        tls_dir=tc.credentials(tc.cluster.origin)).start()
     try:
         return _storm_on_agents(storm, tc, origin, image_id, workdir)
     finally:
@@ -565,8 +566,7 @@ class Bench:
 
     def run(self):
         self.prepare()
-        needs_agents = set(self.config.modes) & {
-            'direct', 'thunder', 'thunder-prefetch'}
+        needs_agents = set(self.config.modes) & set(metrics.AGENT_MODES)
         try:
             if needs_agents:
                 from thunder_lab.emulation import rabbitmq
@@ -586,7 +586,8 @@ class Bench:
         ``direct`` needs a coordinator of its own (all under the origin).
         Each storm uses a new image id, so no cache carries over."""
         modes = self.config.modes
-        shared = [m for m in modes if m != 'direct']
+        own = ('direct', metrics.PLAIN_MODE)
+        shared = [m for m in modes if m not in own]
         results = {}
         workdir = os.path.join(self.config.workdir, 'h%d-%s' % (
             hosts, uuid.uuid4().hex[:6]))
@@ -600,15 +601,19 @@ class Bench:
             if 'direct' in modes:
                 with self._testbed(hosts, workdir, True, direct=True) as bed:
                     results['direct'] = self.run_one('direct', hosts, bed)
+            if metrics.PLAIN_MODE in modes:
+                with self._testbed(hosts, workdir, True, tls=False) as bed:
+                    results[metrics.PLAIN_MODE] = self.run_one(
+                        metrics.PLAIN_MODE, hosts, bed)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         self.records += [results[m] for m in modes]
 
     @contextlib.contextmanager
-    def _testbed(self, hosts, workdir, agents, direct=False):
+    def _testbed(self, hosts, workdir, agents, direct=False, tls=True):
         config = self.config
-        label = 'H=%d%s' % (hosts, ' (all under the origin)' if direct
-                            else '')
+        label = 'H=%d%s%s' % (hosts, ' (all under the origin)' if direct
+                              else '', '' if tls else ' (security off)')
         if not agents:
             self.say('%s: starting the cluster' % label)
             with cluster_mod.Cluster(
@@ -635,7 +640,7 @@ class Bench:
                 hosts=hosts, image=config.image,
                 bandwidth_mbit=config.bandwidth_mbit, fan_out=fan_out,
                 coordinator_options=options, agent_options=agent_options,
-                rabbit=self.rabbit) as tc:
+                rabbit=self.rabbit, tls=tls) as tc:
             yield _Testbed(tc.cluster, tc, traces)
 
     def run_one(self, mode, hosts, bed):
@@ -660,8 +665,11 @@ class Bench:
                     if mode == 'thunder-prefetch':
                         shutil.copyfile(self.trace_path, os.path.join(
                             bed.traces, image_id + '.trace'))
+                    cpu_s = _data_plane_cpu_s(bed.tc)
                     storm_s, links, extra = _run_thunder(
                         storm, bed.tc, image_id, workdir)
+                    extra.update(_data_plane_cost(
+                        _data_plane_cpu_s(bed.tc) - cpu_s, links))
             extra['cpu_busy'] = metrics.cpu_busy(cpu_before,
                                                  metrics.cpu_times())
         finally:
@@ -721,6 +729,24 @@ class Bench:
         }
         record.update(extra)
         return record
+
+
+def _data_plane_cpu_s(tc):
+    """CPU seconds the agents' data planes (template daemons, relay
+    exporters, forwarders, verifiers: the processes of their pid files)
+    used so far."""
+    return metrics.process_cpu_s(
+        [pid for agent in tc.agents.values()
+         for pid in agent.data_plane_pids()])
+
+
+def _data_plane_cost(cpu_s, links):
+    """What relaying cost the data planes: CPU seconds, and CPU seconds
+    per GiB sent over all links (origin and relays)."""
+    sent = sum(tx for tx, _ in links.values())
+    return {'data_plane_cpu_s': round(cpu_s, 2),
+            'cpu_s_per_gib': (round(cpu_s / (sent / (1 << 30)), 2)
+                              if sent else None)}
 
 
 def _round(value):

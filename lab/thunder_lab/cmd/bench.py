@@ -1,7 +1,8 @@
 """``thunder-bench``: boot storms on an emulated cluster, modes side by side.
 
 Runs, for each number of hosts H given, every mode (full-copy, p2p-copy,
-direct, thunder, thunder-prefetch) on a fresh emulated cluster of H hosts
+direct, thunder, thunder-prefetch, and thunder-plain: thunder with relay
+security off, for its cost) on a fresh emulated cluster of H hosts
 plus an origin host with links shaped to W, V VMs per host booting at once
 (trace replayers or real QEMU guests), and prints storm time, per-VM
 latency p50/p99, origin bytes, busiest link and the physical bound.

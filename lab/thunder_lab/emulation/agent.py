@@ -1,6 +1,7 @@
 """Run a real ``thunder-agent`` process against a given broker."""
 
 import os
+import re
 import shlex
 import signal
 
@@ -11,6 +12,8 @@ from thunder_agent.rpc import api
 from thunder_lab.emulation import service_process
 
 PRIVSEP_SECTIONS = ('thunder_agent_privileged', 'privsep_osbrick')
+_IMAGE_ID = re.compile(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-'
+                       r'[0-9a-f]{12}\Z')
 
 
 class AgentProcess(service_process.ServiceProcess):
@@ -78,8 +81,24 @@ class AgentProcess(service_process.ServiceProcess):
                 if name.endswith('.pid'):
                     try:
                         with open(os.path.join(self.run_path, name)) as f:
-                            pids.append(int(f.read().strip()))
-                    except (OSError, ValueError):
+                            # "<pid>" or "<pid> <what it forwards>"
+                            pids.append(int(f.read().split()[0]))
+                    except (OSError, ValueError, IndexError):
+                        pass
+        return pids
+
+    def template_daemon_pids(self):
+        """The pids of the template daemons (pid files named by image id;
+        not the relay listeners, TLS exporters and verifiers)."""
+        pids = []
+        if os.path.isdir(self.run_path):
+            for name in os.listdir(self.run_path):
+                stem = name[:-len('.pid')]
+                if name.endswith('.pid') and _IMAGE_ID.match(stem):
+                    try:
+                        with open(os.path.join(self.run_path, name)) as f:
+                            pids.append(int(f.read().split()[0]))
+                    except (OSError, ValueError, IndexError):
                         pass
         return pids
 

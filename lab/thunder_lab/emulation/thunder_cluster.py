@@ -6,6 +6,13 @@ thunder-coordinator, an origin host serving one image over NBD (the real
 ``thunder-origin`` command, run inside the origin host's namespace), and
 one thunder-agent per compute host, each inside its own network namespace
 with relaying enabled and its exports on the host's cluster address.
+
+With ``tls`` (the default, as in production) the cluster has a CA of its
+own (:mod:`thunder_lab.pki`, certtool) and every node its credentials:
+the origin host's certificate names its address, each compute host's its
+name (the agent's ``[DEFAULT] host``) and its cluster address. Without it,
+every TCP NBD link is plain and coordinator calls are unsigned: the
+"security off" side of ``thunder-bench``.
 """
 
 import json
@@ -26,6 +33,7 @@ from thunder_lab.emulation import agent as agent_mod
 from thunder_lab.emulation import cluster as cluster_mod
 from thunder_lab.emulation import coordinator as coordinator_mod
 from thunder_lab.emulation import rabbitmq
+from thunder_lab import pki
 
 ORIGIN_PORT = 10809
 
@@ -42,8 +50,11 @@ class OriginProcess:
     """
 
     def __init__(self, host, image, image_format, export, port, run_path,
-                 start_timeout=60):
+                 start_timeout=60, tls_dir=None):
+        """*tls_dir*: the origin host's ``[tls] certificates_dir``; None
+        serves plain NBD (``--no-tls``)."""
         self.host = host
+        self.tls_dir = tls_dir
         self.image = image
         self.image_format = image_format
         self.export = export
@@ -64,6 +75,10 @@ class OriginProcess:
                 '--export', self.export,
                 '--listen', 'tcp:%s:%d' % (self.host.address, self.port),
                 '--run-path', self.run_path]
+        if self.tls_dir:
+            argv += ['--tls-certificates-dir', self.tls_dir]
+        else:
+            argv += ['--no-tls']
         with open(self.log_path, 'ab') as log:
             self.proc = self.host.popen(argv, stdout=subprocess.PIPE,
                                         stderr=log, start_new_session=True)
@@ -129,8 +144,10 @@ class OriginProcess:
 class ThunderCluster:
     def __init__(self, hosts, image, bandwidth_mbit=None, fan_out=2,
                  image_id=None, image_format='raw', agent_options=None,
-                 coordinator_options=None, rabbit=None):
+                 coordinator_options=None, rabbit=None, tls=True):
         self.n_hosts = hosts
+        self.tls = tls
+        self.ca = None
         self.image = image
         self.image_format = image_format
         self.image_id = image_id or str(uuid.uuid4())
@@ -170,7 +187,8 @@ class ThunderCluster:
         coord_opts = {'coordinator': {'topic': topic,
                                       'fan_out': self.fan_out,
                                       'heartbeat_interval': 2,
-                                      'node_timeout': 10}}
+                                      'node_timeout': 10},
+                      'tls': self._tls_options('coordinator', [])}
         for group, values in self.coordinator_options.items():
             coord_opts.setdefault(group, {}).update(values)
         self.coordinator = coordinator_mod.CoordinatorProcess(
@@ -180,7 +198,8 @@ class ThunderCluster:
         self.origin = OriginProcess(
             self.cluster.origin, self.image, self.image_format,
             self.image_id, ORIGIN_PORT,
-            os.path.join(self.workdir, 'origin')).start()
+            os.path.join(self.workdir, 'origin'),
+            tls_dir=self.credentials(self.cluster.origin)).start()
         for host in self.cluster.hosts:
             options = {
                 # Origins on the origin host only (any port: it runs
@@ -192,6 +211,7 @@ class ThunderCluster:
                           'listen_address': host.address},
                 'coordinator': {'topic': topic, 'rpc_timeout': 10},
                 'qemu': {'reconnect_delay': 120},
+                'tls': self._tls_options(host.name, [host.address]),
             }
             for group, values in self.agent_options.items():
                 options.setdefault(group, {}).update(values)
@@ -199,6 +219,28 @@ class ThunderCluster:
                 self.rabbit.transport_url,
                 os.path.join(self.workdir, host.name), host=host.name,
                 options=options, netns=host.netns).start()
+
+    def _tls_options(self, node, ips):
+        if not self.tls:
+            return {'enabled': 'false'}
+        return {'enabled': 'true',
+                'certificates_dir': self._issue(node, ips)}
+
+    def _issue(self, node, ips):
+        if self.ca is None:
+            self.ca = pki.CA.create(os.path.join(self.workdir, 'pki', 'ca'))
+        return self.ca.issue(node, os.path.join(self.workdir, 'pki', node),
+                             ips=ips)
+
+    def credentials(self, host):
+        """The ``[tls] certificates_dir`` of emulated *host* (made on first
+        use), or None without TLS."""
+        if not self.tls:
+            return None
+        path = os.path.join(self.workdir, 'pki', host.name)
+        if os.path.isdir(path):
+            return path
+        return self._issue(host.name, [host.address])
 
     def origin_connection(self):
         return self.origin.connection()

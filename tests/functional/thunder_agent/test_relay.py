@@ -115,11 +115,12 @@ def test_killed_middle_relay_is_repaired_without_read_errors(
             ['@origin'], ['h1'], ['h2'], ['h3']]
         procs = {h: tc.start_reader(h, conns[h]) for h in hosts}
         time.sleep(2)
-        victim, = tc.agents['h2'].data_plane_pids()
+        victim, = tc.agents['h2'].template_daemon_pids()
         os.kill(victim, 9)
         killed = time.monotonic()
         restored = _wait_for(
-            lambda: tc.agents['h2'].data_plane_pids() not in ([], [victim]),
+            lambda: tc.agents['h2'].template_daemon_pids() not in (
+                [], [victim]),
             60)
         assert restored, tc.agents['h2'].log_tail()
         print('\nh2 data plane back after %.1fs'
@@ -172,7 +173,7 @@ def test_parent_that_does_not_serve_costs_a_bounded_wait(rabbit,
     with _cluster(rabbit, image, hosts=2, fan_out=1, agent_options={
             'relay': {'parent_ready_timeout': 3}}) as tc:
         tc.prepare('h1')
-        victim, = tc.agents['h1'].data_plane_pids()
+        victim, = tc.agents['h1'].template_daemon_pids()
         os.kill(victim, signal.SIGSTOP)
         try:
             started = time.monotonic()

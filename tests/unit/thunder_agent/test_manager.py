@@ -1102,6 +1102,27 @@ def test_children_reach_the_driver_from_join_heartbeat_and_restart(conf):
     assert h.driver.admitted[image_id] == ['node-c', 'node-d']
 
 
+def test_a_child_the_coordinator_stops_listing_keeps_access_a_grace(conf):
+    """A restarted coordinator answers with no children until their
+    heartbeats reach it: the export keeps a dropped child for [coordinator]
+    node_timeout, and a new one is admitted at once."""
+    conf.set_override('node_timeout', 2, group='coordinator')
+    h = Harness(conf, relay=True)
+    image_id = new_id()
+    h.api.children[image_id] = ['node-c', 'node-d']
+    h.prepare(image_id)
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-c', 'node-d']
+    h.api.children[image_id] = ['node-e']
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-c', 'node-d', 'node-e']
+    time.sleep(2.1)
+    h.manager.heartbeat()
+    h.drain()
+    assert h.driver.admitted[image_id] == ['node-e']
+
+
 def test_a_tree_changed_hint_asks_the_coordinator_at_once(conf):
     h = Harness(conf, relay=True)
     image_id = new_id()

@@ -447,7 +447,8 @@ class QemuDriver(base.Driver):
                       % self.conf.qemu.command_timeout)
         finally:
             handle = None
-        LOG.warning('Template %s takes no parent: its manifest: %s',
+        LOG.warning('Template %s has no manifest (%s): it takes no parent; '
+                    'its cache, when not stopped cleanly, is discarded',
                     template.image_id, reason)
         return False
 
@@ -893,10 +894,18 @@ class QemuDriver(base.Driver):
         sees it; the recovery's Result, or None when there was nothing to
         do."""
         exists = os.path.exists(cache)
-        action = recovery.decide(
-            daemon.is_running(), exists,
-            exists and recovery.is_clean(template_dir, cache),
-            os.path.exists(os.path.join(template_dir, MANIFEST_FILE)))
+        running = daemon.is_running()
+        clean = exists and recovery.is_clean(template_dir, cache)
+        manifest = os.path.join(template_dir, MANIFEST_FILE)
+        if (exists and not running and not clean
+                and not os.path.exists(manifest)
+                and template.origin.driver_volume_type == 'nbd'):
+            # A template that does not relay fetches the manifest only
+            # now, when its cache needs checking (from the origin, as
+            # always): without it the whole cache would be discarded.
+            self._fetch_manifest(template, template_dir)
+        action = recovery.decide(running, exists, clean,
+                                 os.path.exists(manifest))
         if action == recovery.NOTHING:
             return None
         return self._recovery.recover(template.image_id, template_dir, cache,

@@ -191,4 +191,18 @@ def test_table_shows_cpu_busy():
     text = report.table([record(cpu_busy=0.973)])
     header, _, row = text.splitlines()[:3]
     assert 'CPU %' in header
-    assert row.split()[-2] == '97'
+    assert row.split()[-3] == '97'
+
+
+def test_table_shows_the_data_plane_cost():
+    text = report.table([record(cpu_busy=0.5, cpu_s_per_gib=3.456)])
+    header, _, row = text.splitlines()[:3]
+    assert 'dp CPU s/GiB' in header
+    assert row.split()[-2] == '3.46'
+
+
+def test_process_cpu_s_counts_this_process_and_skips_gone_ones():
+    own = metrics.process_cpu_s([os.getpid()])
+    sum(i * i for i in range(200000))
+    assert metrics.process_cpu_s([os.getpid()]) >= own
+    assert metrics.process_cpu_s([2 ** 22 + 12345]) == 0

@@ -391,7 +391,11 @@ def test_driver_discards_an_unmarked_cache_without_manifest(driver, tdir):
     template, daemon = _built(driver, tdir)
     daemon.running = False
     runs = len(driver.qemu_img_fake.runs)
+    asked = []
+    # The origin is asked for the manifest first; it serves none.
+    driver._fetch_manifest = lambda t, d: asked.append(d) or False
     driver.ensure_template(template, tdir)
+    assert asked == [tdir]
     # Made again, empty.
     assert [r[0] for r in driver.qemu_img_fake.runs[runs:]] == ['create']
 
