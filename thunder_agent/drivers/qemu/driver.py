@@ -815,8 +815,10 @@ class QemuDriver(base.Driver):
             handle.poll(max(1, int(min(left, 1.0) * 1000)))
 
     def source_ready(self, source):
-        """For NBD, the server negotiates the export (a handshake, no
-        data), within ``[relay] parent_probe_timeout``."""
+        """For NBD, the server negotiates the export and serves its first
+        sector, within ``[relay] parent_probe_timeout``. (A parent's TLS
+        exporter negotiates on its own: a template daemon behind it that
+        hangs shows only when data is asked for.)"""
         endpoint = self._endpoint(source)
         if endpoint.driver_volume_type != 'nbd':
             return self.source_answers(
@@ -824,7 +826,14 @@ class QemuDriver(base.Driver):
         deadline = self._clock() + self.conf.relay.parent_probe_timeout
         try:
             handle = self._nbd_connect(endpoint.data, deadline)
-            return handle.get_size() > 0
+            if handle.get_size() <= 0:
+                return False
+            buf = nbd.Buffer(512)
+            cookie = handle.aio_pread(buf, 0)
+            self._nbd_wait(handle,
+                           lambda: handle.aio_command_completed(cookie),
+                           deadline)
+            return True
         except (nbd.Error, _Refused, _Timeout):
             return False
 
