@@ -150,12 +150,12 @@ class StateStore:
             n += 1
             target = os.path.join(self.lost_found_dir, '%s.%d' % (base, n))
         os.rename(path, target)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         try:
             with open(os.path.join(target, REASON), 'w') as f:
                 f.write('%s %s moved here by thunder-agent at %s: %s\n'
                         % (kind, os.path.basename(path), stamp, reason))
-            _fsync_dir(self.lost_found_dir)
+            fsync_dir(self.lost_found_dir)
         except OSError as e:
             # A full disk: the rename needed no space, the note does. The
             # reason is in the log below; the agent starts all the same.
@@ -186,10 +186,11 @@ def _write_json(path, obj):
             # full disk lacks, for nothing.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
-def _fsync_dir(directory):
+def fsync_dir(directory):
+    """Make the entries of *directory* (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -212,5 +213,5 @@ def _remove_dir(path):
     # Left by an earlier interrupted delete of the same name.
     shutil.rmtree(doomed, ignore_errors=True)
     os.rename(path, doomed)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     shutil.rmtree(doomed, ignore_errors=True)

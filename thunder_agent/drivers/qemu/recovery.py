@@ -56,6 +56,7 @@ from oslo_log import log as logging
 
 from thunder_agent import exception
 from thunder_agent import manifest as manifest_mod
+from thunder_agent import store
 
 LOG = logging.getLogger(__name__)
 
@@ -71,14 +72,6 @@ DISCARD = 'discard'
 _CHECK_USABLE = (0, 3)
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def marker_path(template_dir):
     return os.path.join(template_dir, MARKER_FILE)
 
@@ -90,7 +83,7 @@ def clear_marker(template_dir):
         os.unlink(marker_path(template_dir))
     except FileNotFoundError:
         return
-    _fsync_dir(template_dir)
+    store.fsync_dir(template_dir)
 
 
 def _cache_identity(cache):
@@ -108,7 +101,7 @@ def write_marker(template_dir, cache):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(template_dir)
+    store.fsync_dir(template_dir)
 
 
 def is_clean(template_dir, cache):
@@ -232,7 +225,7 @@ class CacheRecovery:
         for name in (cache, cache + RECOVERED_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
-        _fsync_dir(os.path.dirname(cache))
+        store.fsync_dir(os.path.dirname(cache))
         return Result(DISCARD, reason=reason)
 
     def _check(self, cache):
@@ -373,5 +366,5 @@ class CacheRecovery:
         with open(new, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(new, cache)
-        _fsync_dir(os.path.dirname(cache))
+        store.fsync_dir(os.path.dirname(cache))
         return len(clusters)
