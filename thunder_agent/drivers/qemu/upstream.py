@@ -233,6 +233,11 @@ class Forwarder:
         except FileNotFoundError:
             raise exception.BackendError(
                 reason='socat is not installed (Debian package socat)')
+        self._wait_started(proc, label, 'forwarder %s' % self.name)
+
+    def _wait_started(self, proc, label, what):
+        """Record *proc* in the pid file with *label*, then wait up to
+        start_timeout for it to listen (BackendError naming *what*)."""
         with open(self.pid_path + '.tmp', 'w') as f:
             f.write('%d %s\n' % (proc.pid, label))
         os.replace(self.pid_path + '.tmp', self.pid_path)
@@ -241,8 +246,7 @@ class Forwarder:
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise exception.BackendError(
-                    reason='forwarder %s did not start: %s'
-                           % (self.name, self.log_tail()))
+                    reason='%s did not start: %s' % (what, self.log_tail()))
             time.sleep(0.02)
 
     def log_tail(self, size=500):
@@ -362,17 +366,7 @@ class Upstream(Forwarder):
                 reason='nbdkit is not installed (Debian packages nbdkit, '
                        'nbdkit-plugin-python)')
         label = ' '.join(params)
-        with open(self.pid_path + '.tmp', 'w') as f:
-            f.write('%d %s\n' % (proc.pid, label))
-        os.replace(self.pid_path + '.tmp', self.pid_path)
-        deadline = time.monotonic() + self.start_timeout
-        while not self._listening():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise exception.BackendError(
-                    reason='verifier of %s did not start: %s'
-                           % (self.image_id, self.log_tail()))
-            time.sleep(0.02)
+        self._wait_started(proc, label, 'verifier of %s' % self.image_id)
         LOG.info('Template %s reads through the verifier: %s',
                  self.image_id, label)
 
